@@ -1,0 +1,5 @@
+import sys
+
+from medssl.cli import main
+
+sys.exit(main())

@@ -1,0 +1,165 @@
+"""The ``medssl`` command line. Every command takes ``--config PRESET|FILE`` and dotted overrides.
+
+    medssl finetune --config hippocampus --data ../shared/data/Task04_Hippocampus split.budget=5 train.epochs=20
+
+Errors about input (files, keys, values) print one line and exit non-zero; nothing half-written
+is left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from medssl.errors import MedsslError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Self-supervised pretraining and low-label fine-tuning for medical image segmentation.")
+EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+ConfigOpt = typer.Option(None, "--config", "-c", help="preset name (demo, hippocampus, ct) or YAML file")
+DataOpt = typer.Option(None, "--data", "-d", help="dataset folder (sets data.path)")
+
+
+def _config(config: Optional[str], ctx: typer.Context, **extra):
+    from medssl.config import load_config
+
+    tree: dict = {}
+    for dotted, value in extra.items():
+        if value is None:
+            continue
+        node = tree
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return load_config(config, overrides=list(ctx.args), extra=tree)
+
+
+@app.command(context_settings=EXTRA)
+def prepare(ctx: typer.Context, config: Optional[str] = ConfigOpt, data: Optional[str] = DataOpt,
+            force: bool = typer.Option(False, help="rebuild even if an identical cache exists")):
+    """Build (or reuse) the on-disk slice cache of a dataset."""
+    from medssl.data.cache import prepare as build
+
+    cfg = _config(config, ctx, **{"data.path": data})
+    cache = build(cfg.data, force=force)
+    typer.echo(f"slice cache: {cache.root}  ({cache.meta['n_slices']} slices, {len(cache.meta['cases'])} cases)")
+
+
+@app.command()
+def check(data_dir: str = typer.Argument(..., help="dataset folder"),
+          modality: Optional[str] = typer.Option(None, help="override the modality (CT or MRI)")):
+    """Report every problem of a dataset at once (exit 1 if there is any)."""
+    from medssl.data.check import run_check
+
+    result = run_check(data_dir, modality=modality)
+    for problem in result.problems:
+        typer.echo(str(problem))
+    typer.echo(f"{result.n_cases} cases ({result.n_labelled} labelled, {result.n_unlabelled} unlabelled): "
+               f"{len(result.problems)} problem(s)")
+    raise typer.Exit(1 if result.problems else 0)
+
+
+@app.command(context_settings=EXTRA)
+def finetune(ctx: typer.Context, config: Optional[str] = ConfigOpt, data: Optional[str] = DataOpt,
+             init: Optional[str] = typer.Option(None, "--init", help="checkpoint to start from"),
+             init_mode: Optional[str] = typer.Option(None, "--init-mode", help="encoder (default) or full"),
+             name: Optional[str] = typer.Option(None, help="run name (folder under output_dir)"),
+             resume: bool = typer.Option(False, "--resume", help="continue a killed run from its last checkpoint"),
+             evaluate: bool = typer.Option(True, help="evaluate the best checkpoint on the test fold afterwards")):
+    """Fine-tune a segmentation model on the labelled budget."""
+    from medssl.engine.distributed import init_distributed
+    from medssl.engine.finetune import finetune as run_finetune
+
+    cfg = _config(config, ctx, **{"data.path": data, "train.init": init, "train.init_mode": init_mode, "name": name})
+    run_dir = run_finetune(cfg, resume=resume)
+    if evaluate and init_distributed().is_main:
+        _print_metrics(_evaluate(run_dir, "test", "best", False))
+    typer.echo(f"run folder: {run_dir}")
+
+
+def _evaluate(run_dir, part, checkpoint, save):
+    from medssl.evaluation.evaluate import evaluate_run
+
+    return evaluate_run(run_dir, part=part, checkpoint=checkpoint, save_predictions=save)
+
+
+@app.command()
+def evaluate(run_dir: str = typer.Argument(..., help="a fine-tuning run folder"),
+             part: str = typer.Option("test", help="split part: test, val, labelled"),
+             checkpoint: str = typer.Option("best", help="best, last, or a path"),
+             save_predictions: bool = typer.Option(False, help="also write {CASE}.nii.gz predictions")):
+    """Per-volume 3D Dice / HD95 (mm), micro Dice and slice-mean Dice; writes metrics.json and a CSV."""
+    _print_metrics(_evaluate(run_dir, part, checkpoint, save_predictions))
+
+
+@app.command()
+def predict(model: str = typer.Argument(..., help="a run folder (its best checkpoint) or a checkpoint file"),
+            inputs: str = typer.Argument(..., help="a NIfTI file, a DICOM series folder, or a dataset folder"),
+            output: str = typer.Option(..., "--output", "-o", help="folder for {CASE}.nii.gz"),
+            case: Optional[list[str]] = typer.Option(None, "--case", help="only these case ids")):
+    """Write label maps with the input's original shape, affine and orientation."""
+    from medssl.evaluation.evaluate import predict_files, run_checkpoint
+
+    ckpt = run_checkpoint(model) if Path(model).is_dir() else Path(model)
+    written = predict_files(ckpt, inputs, output, cases=case)
+    typer.echo(f"wrote {len(written)} prediction(s) to {output}")
+
+
+@app.command(context_settings=EXTRA)
+def demo(ctx: typer.Context, data: Optional[str] = DataOpt,
+         workdir: str = typer.Option("medssl-demo", help="where the phantom, runs and predictions go"),
+         config: Optional[str] = ConfigOpt):
+    """The whole loop on a built-in phantom (or --data PATH): prepare, fine-tune, evaluate, predict."""
+    from medssl.demo import run_demo
+
+    run_demo(workdir=workdir, data=data, config=config, overrides=list(ctx.args))
+
+
+@app.command(name="config", context_settings=EXTRA)
+def show_config(ctx: typer.Context, config: Optional[str] = ConfigOpt):
+    """Print the resolved configuration (preset + overrides) as YAML."""
+    from medssl.config import dump_config
+
+    typer.echo(dump_config(_config(config, ctx)))
+
+
+def _print_metrics(summary: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{summary.get('part', 'test')} set: {summary['n_cases']} volumes")
+    for col in ("class", "3D Dice (mean ± sd)", "HD95 mm (mean ± sd)", "micro Dice", "slice-mean Dice"):
+        table.add_column(col)
+
+    def fmt(m, s):
+        return "–" if m is None else f"{m:.3f} ± {s or 0:.3f}"
+
+    for name, d in summary["dice"].items():
+        h = summary["hd95"].get(name, {})
+        table.add_row(name, fmt(d["mean"], d["sd"]), fmt(h.get("mean"), h.get("sd")),
+                      f"{summary['micro_dice'][name]:.3f}", f"{summary['slice_mean_dice'][name]:.3f}")
+    table.add_row("mean", fmt(summary["dice_mean"], summary["dice_sd"]),
+                  fmt(summary["hd95_mean"], summary["hd95_sd"]), f"{summary['micro_dice']['mean']:.3f}",
+                  f"{summary['slice_mean_dice']['mean']:.3f}")
+    Console().print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        app(args=argv, prog_name="medssl")
+    except MedsslError as exc:
+        print(f"medssl: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,299 @@
+"""Typed configuration: dataclasses loaded from YAML, with dotted command-line overrides.
+
+    cfg = load_config("hippocampus", overrides=["train.lr=3e-4", "split.budget=5"])
+
+A preset name resolves to ``medssl/configs/<name>.yaml``; anything else is a path. Unknown keys
+and values of the wrong type raise :class:`~medssl.errors.ConfigError` naming the dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from medssl.errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # dataset folder (MSD, nnU-Net v2, DICOM series, HDF5 folder)
+    modality: str | None = None  # override dataset.json ("CT" or "MRI")
+    axis: int = 2  # slicing axis in canonical RAS orientation (2 = axial)
+    size: int = 64  # target in-plane size (square); must be divisible by 16
+    fit: str = "pad"  # "pad": pad (downscale only if larger); "resize": scale to fit, keep aspect, pad
+    ct_window: list[float] = field(default_factory=lambda: [-160.0, 240.0])
+    mri_percentiles: list[float] = field(default_factory=lambda: [0.5, 99.5])
+    mri_mode: str = "zscore"  # "zscore" or "minmax"
+    cache_dir: str = "~/.cache/medssl/slices"
+
+
+@dataclass
+class SplitConfig:
+    n_folds: int = 5
+    fold: int = 0
+    fold_seed: int = 12345
+    test_cases: str | None = None  # file with a fixed hold-out list (one case id per line) instead of k-fold
+    val: float = 2  # validation patients: an integer count, or a fraction of the training patients
+    val_seed: int = 0
+    budget: Any = "all"  # labelled patients M: an integer, a fraction in (0, 1], or "all"
+    budget_seed: int = 0
+    budget_mode: str = "nested"  # "nested" (clean) or "legacy" (KAF/PCL random.sample)
+    group_regex: str | None = None  # e.g. "(patient\\d+)_frame\\d+": cases of one patient never straddle a split
+    group_file: str | None = None  # CSV (case,patient) or JSON {case: patient}
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "unet"
+    features: int = 32
+    options: dict = field(default_factory=dict)  # extra backbone-specific keyword arguments
+
+
+@dataclass
+class AugConfig:
+    enabled: bool = True
+    flip_prob: float = 0.5
+    flip_axes: list[int] = field(default_factory=lambda: [0, 1])
+    rotate_prob: float = 0.5
+    rotate_deg: float = 15.0
+    scale_prob: float = 0.3
+    scale_range: list[float] = field(default_factory=lambda: [0.85, 1.15])
+    elastic_prob: float = 0.2
+    elastic_spacing: float = 16.0  # MONAI Rand2DElastic: control-point spacing (pixels)
+    elastic_magnitude: list[float] = field(default_factory=lambda: [0.5, 1.5])  # control-point offsets (pixels)
+    intensity_prob: float = 0.5
+    intensity_scale: float = 0.1  # multiplicative jitter (1 +- s)
+    intensity_shift: float = 0.1  # additive jitter in normalised units
+    noise_prob: float = 0.2
+    noise_std: float = 0.05
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    steps_per_epoch: int = 0  # 0 = one pass over the labelled slices
+    batch_size: int = 16
+    optimizer: str = "adamw"  # "adam" or "adamw"
+    lr: float = 2e-3
+    min_lr: float = 1e-5
+    warmup_steps: int = 0
+    weight_decay: float = 1e-5
+    dice_weight: float = 1.0
+    ce_weight: float = 1.0
+    amp: str = "auto"  # "auto" (bf16 where supported), "bf16" or "off"
+    deterministic: bool = False
+    seed: int = 0
+    num_workers: int = 0
+    val_every: int = 1  # epochs
+    init: str | None = None  # checkpoint to start from
+    init_mode: str = "encoder"  # "encoder" or "full"
+    foreground_oversample: float = 0.0  # fraction of each batch drawn from slices containing foreground
+    threads: int = 0  # torch.set_num_threads (0 = leave the default)
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 32
+    hd95: bool = True
+    save_predictions: bool = False
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    output_dir: str = "runs"
+    data: DataConfig = field(default_factory=DataConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------------------------
+def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
+    """Check (and gently coerce) ``value`` against annotation ``tp``."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return True, value
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            ok, v = _type_ok(value, arg)
+            if ok:
+                return True, v
+        return False, value
+    if tp is type(None):
+        return value is None, value
+    if origin is list:
+        if isinstance(value, (list, tuple)):
+            (arg,) = typing.get_args(tp) or (Any,)
+            out = []
+            for item in value:
+                ok, v = _type_ok(item, arg)
+                if not ok:
+                    return False, value
+                out.append(v)
+            return True, out
+        return False, value
+    if origin is dict or tp is dict:
+        return isinstance(value, dict), value
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, value  # an int stays an int (e.g. split.val = 2 patients)
+        return False, value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is str:
+        return isinstance(value, str), value
+    return isinstance(value, tp), value
+
+
+def _build(cls: type, data: dict, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"config key '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            raise ConfigError(f"unknown config key '{prefix}{key}' (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        tp, value, dotted = hints[f.name], data[f.name], prefix + f.name
+        if dataclasses.is_dataclass(tp):
+            kwargs[f.name] = _build(tp, value or {}, dotted + ".")
+            continue
+        ok, coerced = _type_ok(value, tp)
+        if not ok:
+            raise ConfigError(f"config key '{dotted}' expects {_type_name(tp)}, got {value!r}")
+        kwargs[f.name] = coerced
+    return cls(**kwargs)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_overrides(overrides: list[str] | None) -> dict:
+    """Turn ``["train.lr=1e-3", "data.size=64"]`` into a nested dict (values parsed as YAML)."""
+    tree: dict = {}
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value (e.g. train.lr=1e-3)")
+        key, raw = item.split("=", 1)
+        key = key.strip().lstrip("-")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = tree
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{key}' conflicts with another override")
+        node[parts[-1]] = value
+    return tree
+
+
+def preset_names() -> list[str]:
+    folder = resources.files("medssl") / "configs"
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_yaml(source: str | Path) -> dict:
+    if isinstance(source, str) and source in preset_names():
+        text = (resources.files("medssl") / "configs" / f"{source}.yaml").read_text()
+        where = f"preset '{source}'"
+    else:
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path} (presets: {', '.join(preset_names())})")
+        text, where = path.read_text(), str(path)
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where}: invalid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: the top level must be a mapping")
+    base = data.pop("base", None)  # a config may extend a preset or another file
+    if base:
+        data = _deep_merge(_read_yaml(base), data)
+    return data
+
+
+def load_config(source: str | Path | None = None, overrides: list[str] | None = None,
+                extra: dict | None = None) -> Config:
+    """Load a preset or YAML file, apply ``extra`` (a nested dict) then dotted overrides."""
+    data = _read_yaml(source) if source else {}
+    if extra:
+        data = _deep_merge(data, extra)
+    data = _deep_merge(data, parse_overrides(overrides))
+    cfg = _build(Config, data, "")
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict) -> Config:
+    cfg = _build(Config, data, "")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Reject settings that cannot work, naming the key."""
+    choices = {
+        "data.fit": (cfg.data.fit, ("pad", "resize")),
+        "data.mri_mode": (cfg.data.mri_mode, ("zscore", "minmax")),
+        "train.optimizer": (cfg.train.optimizer, ("adam", "adamw")),
+        "train.amp": (cfg.train.amp, ("auto", "bf16", "off")),
+        "train.init_mode": (cfg.train.init_mode, ("encoder", "full")),
+        "split.budget_mode": (cfg.split.budget_mode, ("nested", "legacy")),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"config key '{key}' must be one of {allowed}, got {value!r}")
+    if cfg.data.size <= 0 or cfg.data.size % 16:
+        raise ConfigError(f"config key 'data.size' must be a positive multiple of 16, got {cfg.data.size}")
+    if cfg.data.axis not in (0, 1, 2):
+        raise ConfigError(f"config key 'data.axis' must be 0, 1 or 2, got {cfg.data.axis}")
+    if len(cfg.data.ct_window) != 2 or cfg.data.ct_window[0] >= cfg.data.ct_window[1]:
+        raise ConfigError(f"config key 'data.ct_window' must be [low, high] with low < high, got {cfg.data.ct_window}")
+    positive = {"train.epochs": cfg.train.epochs, "train.batch_size": cfg.train.batch_size,
+                "train.lr": cfg.train.lr, "eval.batch_size": cfg.eval.batch_size,
+                "model.features": cfg.model.features, "split.n_folds": cfg.split.n_folds}
+    for key, value in positive.items():
+        if not value > 0:
+            raise ConfigError(f"config key '{key}' must be positive, got {value}")
+    b = cfg.split.budget
+    if not (b == "all" or (isinstance(b, (int, float)) and not isinstance(b, bool))):
+        raise ConfigError(f"config key 'split.budget' must be an integer, a fraction or 'all', got {b!r}")
+    if not 0 <= cfg.train.foreground_oversample <= 1:
+        raise ConfigError("config key 'train.foreground_oversample' must lie in [0, 1]")
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

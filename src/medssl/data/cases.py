@@ -1,0 +1,63 @@
+"""Plain records describing a dataset on disk (no voxels are read here)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Case:
+    """One case (patient volume or time frame).
+
+    Attributes:
+        case_id: identifier (MSD: file name without ``.nii.gz``; nnU-Net v2: without ``_XXXX.nii.gz``).
+        images: one path per channel: NIfTI files, a DICOM series folder, or an HDF5 file.
+        label: label file, or None for an unlabelled case (valid: it feeds pretraining).
+        kind: ``"nifti"``, ``"dicom"`` or ``"h5"``.
+    """
+
+    case_id: str
+    images: tuple[Path, ...]
+    label: Path | None = None
+    kind: str = "nifti"
+
+    @property
+    def has_label(self) -> bool:
+        return self.label is not None
+
+
+@dataclass
+class DatasetInfo:
+    """A dataset folder after its layout was recognised.
+
+    Attributes:
+        root: the folder.
+        layout: ``"msd"``, ``"nnunetv2"``, ``"dicom"``, ``"h5"`` or ``"phantom"``.
+        modality: ``"CT"`` or ``"MRI"`` (or another name from dataset.json, upper-cased).
+        labels: ``{index: name}``, background included as 0.
+        cases: every case, labelled or not, sorted by case id.
+        name: the dataset's name (dataset.json ``name`` or the folder name).
+    """
+
+    root: Path
+    layout: str
+    modality: str
+    labels: dict[int, str]
+    cases: list[Case] = field(default_factory=list)
+    name: str = ""
+
+    @property
+    def n_classes(self) -> int:
+        """Number of output channels (background included)."""
+        return max(self.labels) + 1 if self.labels else 2
+
+    @property
+    def labelled(self) -> list[Case]:
+        return [c for c in self.cases if c.has_label]
+
+    def case(self, case_id: str) -> Case:
+        for c in self.cases:
+            if c.case_id == case_id:
+                return c
+        raise KeyError(case_id)

@@ -1,0 +1,163 @@
+"""Check a whole dataset and report *every* problem (not just the first).
+
+``check_dataset`` reads each case's image and label separately (so a corrupt image does
+not hide a bad label) and collects missing files, unreadable/corrupt files, wrong
+dimensionality, non-finite voxels, shape/affine mismatches, undeclared label values,
+duplicate case ids and an empty dataset. Unlabelled cases are fine (they feed pretraining).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from nibabel import orientations as nio
+
+from medssl.data.cases import Case, DatasetInfo
+from medssl.data.layouts import open_dataset
+from medssl.data.readers import label_kind, pair_problems, read_volume
+from medssl.errors import DataError
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem found in a dataset: the file (or folder) and what is wrong with it."""
+
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}"
+
+
+@dataclass
+class CheckResult:
+    """All problems plus counts gathered while checking."""
+
+    problems: list[Problem] = field(default_factory=list)
+    n_cases: int = 0
+    n_labelled: int = 0
+    n_unlabelled: int = 0
+    n_read: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _problem(path, exc_or_msg) -> Problem:
+    """Build a Problem, dropping a leading "path: " already present in the message."""
+    path = str(path)
+    msg = str(exc_or_msg)
+    if msg.startswith(path + ": "):
+        msg = msg[len(path) + 2:]
+    return Problem(path, msg)
+
+
+def _check_case(case: Case, info: DatasetInfo, result: CheckResult) -> None:
+    files = list(case.images) + ([case.label] if case.label is not None else [])
+    missing = [f for f in dict.fromkeys(files) if not Path(f).exists()]
+    for f in missing:
+        result.problems.append(Problem(str(f), f"file not found (case {case.case_id})"))
+    if len(case.images) != 1:
+        what = "no image file" if not case.images else "multi-channel input is not supported yet"
+        result.problems.append(Problem(str(case.images[0]) if case.images else str(info.root),
+                                       f"case {case.case_id}: {what}"))
+        return
+    image = label = None
+    if case.images[0] not in missing:
+        try:
+            image = read_volume(case.images[0], kind=case.kind, role="image")
+        except DataError as exc:
+            result.problems.append(_problem(case.images[0], exc))
+    if case.label is not None and case.label not in missing:
+        try:
+            label = read_volume(case.label, kind=label_kind(case), role="label")
+        except DataError as exc:
+            result.problems.append(_problem(case.label, exc))
+    if image is not None and label is not None:
+        for msg in pair_problems(image, label, info):
+            result.problems.append(_problem(case.label, msg))
+    if image is not None:
+        result.n_read += 1
+
+
+def run_check(path_or_info: str | Path | DatasetInfo, *, modality: str | None = None) -> CheckResult:
+    """Check every case; return problems and counts (never raises DataError for bad data)."""
+    result = CheckResult()
+    if isinstance(path_or_info, DatasetInfo):
+        info = path_or_info
+    else:
+        try:
+            info = open_dataset(path_or_info, modality=modality)
+        except DataError as exc:
+            result.problems.append(_problem(path_or_info, exc))
+            return result
+    result.n_cases = len(info.cases)
+    result.n_labelled = sum(c.has_label for c in info.cases)
+    result.n_unlabelled = result.n_cases - result.n_labelled
+    if not info.cases:
+        result.problems.append(Problem(str(info.root), "no cases found in the dataset"))
+        return result
+    for cid, n in sorted(Counter(c.case_id for c in info.cases).items()):
+        if n > 1:
+            result.problems.append(Problem(str(info.root), f"duplicate case id '{cid}' ({n} cases)"))
+    for case in info.cases:
+        _check_case(case, info, result)
+    return result
+
+
+def check_dataset(path_or_info: str | Path | DatasetInfo, *, modality: str | None = None) -> list[Problem]:
+    """Every problem found in the dataset (an empty list means it is usable)."""
+    return run_check(path_or_info, modality=modality).problems
+
+
+def _canonical_geometry(case: Case) -> tuple[tuple[int, ...], tuple[float, ...]] | None:
+    """(shape, spacing) in RAS order; NIfTI from the header only, other kinds by reading."""
+    path = Path(case.images[0])
+    try:
+        if case.kind == "nifti":
+            img = nib.load(str(path))
+            ornt = nio.io_orientation(img.affine)
+            axes = [int(a) for a in ornt[:, 0]]
+            order = np.argsort(axes)
+            zooms = np.sqrt((np.asarray(img.affine)[:3, :3] ** 2).sum(axis=0))
+            return tuple(int(img.shape[i]) for i in order), tuple(float(zooms[i]) for i in order)
+        vol = read_volume(path, kind=case.kind, role="image")
+        return vol.shape, vol.spacing
+    except Exception:
+        return None
+
+
+def summarize(info: DatasetInfo) -> dict:
+    """Counts, modality, labels and the range of shapes and spacings (unreadable cases skipped)."""
+    shapes, spacings = [], []
+    for case in info.cases:
+        if len(case.images) != 1:
+            continue
+        geom = _canonical_geometry(case)
+        if geom is not None and len(geom[0]) >= 3:
+            shapes.append(geom[0][:3])
+            spacings.append(geom[1][:3])
+    out = {
+        "name": info.name,
+        "layout": info.layout,
+        "modality": info.modality,
+        "labels": dict(info.labels),
+        "n_cases": len(info.cases),
+        "n_labelled": sum(c.has_label for c in info.cases),
+        "n_unlabelled": sum(not c.has_label for c in info.cases),
+        "shape_min": None,
+        "shape_max": None,
+        "spacing_min": None,
+        "spacing_max": None,
+    }
+    if shapes:
+        out["shape_min"] = tuple(int(v) for v in np.min(shapes, axis=0))
+        out["shape_max"] = tuple(int(v) for v in np.max(shapes, axis=0))
+        out["spacing_min"] = tuple(round(float(v), 4) for v in np.min(spacings, axis=0))
+        out["spacing_max"] = tuple(round(float(v), 4) for v in np.max(spacings, axis=0))
+    return out

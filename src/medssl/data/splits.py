@@ -1,0 +1,434 @@
+"""Patient-level splits: k-fold test folds, a validation subset and label budgets.
+
+The unit of every split is the *patient*: all cases (time frames, follow-up scans) of one patient always go
+to the same part. The protocol is that of ``baselines.md`` §5 / ``kaf.md`` §8:
+
+- test fold: ``KFold(n_splits, shuffle=True, random_state=fold_seed)`` over the **sorted** unique patient ids,
+  reproduced without sklearn (or a fixed hold-out list of test cases);
+- validation subset: ``val_patients`` patients drawn with ``val_seed`` from the non-test patients;
+- label budget: M patients from the remaining training patients, ``nested`` (first M of one seeded permutation,
+  so M=2 is a subset of M=5) or ``legacy`` (``random.seed(s); random.sample(train_ids, M)`` as KAF/PCL);
+- unlabelled: the rest of the training part.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import numbers
+import os
+import random
+import re
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from medssl.errors import ConfigError
+
+__all__ = [
+    "Split",
+    "describe_rule",
+    "kfold_patients",
+    "load_split",
+    "make_split",
+    "patient_groups",
+    "save_split",
+]
+
+SPLIT_FORMAT = "medssl-split/1"
+BUDGET_MODES = ("nested", "legacy")
+PARTS = ("test", "val", "labelled", "unlabelled")
+
+
+# --------------------------------------------------------------------------------------------- grouping
+def describe_rule(regex: str | None = None, mapping_file: str | Path | None = None) -> str:
+    """A one-line description of the case → patient grouping rule."""
+    if regex is not None and mapping_file is not None:
+        raise ConfigError("patient grouping: give either a regex or a mapping file, not both")
+    if regex is not None:
+        return f"regex '{regex}' (re.match; group 'patient', else group 1, else the whole match)"
+    if mapping_file is not None:
+        return f"mapping file '{mapping_file}' (case -> patient)"
+    return "each case is its own patient"
+
+
+def _compile(regex: str) -> re.Pattern[str]:
+    try:
+        return re.compile(regex)
+    except re.error as exc:
+        raise ConfigError(f"patient grouping regex {regex!r} is invalid: {exc}") from None
+
+
+def _read_mapping(path: Path) -> dict[str, str]:
+    """Read ``{case: patient}`` from a JSON object or a CSV with columns ``case,patient``."""
+    if not path.is_file():
+        raise ConfigError(f"patient mapping file {path} not found")
+    text = path.read_text(encoding="utf-8-sig")
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"patient mapping file {path} is not valid JSON: {exc.msg} (line {exc.lineno})") from None
+        if not isinstance(data, dict) or not all(isinstance(v, (str, int)) for v in data.values()):
+            raise ConfigError(f"patient mapping file {path} must hold a JSON object {{case: patient}}")
+        return {str(k): str(v) for k, v in data.items()}
+    reader = csv.DictReader(text.splitlines(), delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+    fields = [f.strip() for f in (reader.fieldnames or [])]
+    if "case" not in fields or "patient" not in fields:
+        raise ConfigError(f"patient mapping file {path} needs a header with columns 'case' and 'patient' "
+                          f"(got {fields})")
+    reader.fieldnames = fields
+    out: dict[str, str] = {}
+    for row in reader:
+        case, patient = (row.get("case") or "").strip(), (row.get("patient") or "").strip()
+        if not case and not patient:
+            continue
+        if not case or not patient:
+            raise ConfigError(f"patient mapping file {path}: line {reader.line_num} lacks a case or a patient")
+        if out.get(case, patient) != patient:
+            raise ConfigError(f"patient mapping file {path}: case {case!r} is mapped to two patients")
+        out[case] = patient
+    return out
+
+
+def patient_groups(
+    case_ids: Iterable[str],
+    *,
+    regex: str | None = None,
+    mapping_file: str | Path | None = None,
+) -> dict[str, str]:
+    """Map every case id to its patient id.
+
+    ``regex`` is applied with :func:`re.match`; the patient is its named group ``patient``, else its first group,
+    else the whole match (e.g. ``(patient\\d+)_frame\\d+``). ``mapping_file`` is a CSV (columns ``case,patient``)
+    or a JSON object ``{case: patient}``. Without a rule each case is its own patient.
+    """
+    describe_rule(regex, mapping_file)  # rejects both rules at once
+    cases = [str(c) for c in case_ids]
+    if regex is not None:
+        pattern = _compile(regex)
+        out: dict[str, str] = {}
+        for case in cases:
+            m = pattern.match(case)
+            if m is None:
+                raise ConfigError(f"case {case!r} does not match the patient grouping regex {regex!r}")
+            if "patient" in pattern.groupindex:
+                patient = m.group("patient")
+            else:
+                patient = m.group(1) if pattern.groups else m.group(0)
+            if not patient:
+                raise ConfigError(f"patient grouping regex {regex!r} gives an empty patient id for case {case!r}")
+            out[case] = patient
+        return out
+    if mapping_file is not None:
+        path = Path(mapping_file)
+        mapping = _read_mapping(path)
+        missing = [c for c in cases if c not in mapping]
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise ConfigError(f"case {missing[0]!r}{more} is missing from the patient mapping file {path}")
+        return {c: mapping[c] for c in cases}
+    return {c: c for c in cases}
+
+
+# --------------------------------------------------------------------------------------------- k-fold
+def _check_int(name: str, value: Any, *, minimum: int | None = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ConfigError(f"{name} must be an integer (got {value!r})")
+    if minimum is not None and int(value) < minimum:
+        raise ConfigError(f"{name} must be >= {minimum} (got {value})")
+    return int(value)
+
+
+def kfold_patients(patient_ids: Iterable[str], n_folds: int = 5, seed: int = 12345) -> list[list[str]]:
+    """Test folds of ``sklearn.model_selection.KFold(n_folds, shuffle=True, random_state=seed)``.
+
+    Runs over the **sorted** unique patient ids: ``np.arange(n)`` is shuffled by
+    ``np.random.RandomState(seed).shuffle``, cut into consecutive folds whose first ``n % k`` get one extra item;
+    each fold is returned in ascending (sorted-id) order, as sklearn's ``split`` yields test indices.
+    """
+    ids = sorted({str(p) for p in patient_ids})
+    k = _check_int("n_folds", n_folds, minimum=2)
+    seed = _check_int("fold_seed", seed)
+    if k > len(ids):
+        raise ConfigError(f"n_folds={k} exceeds the {len(ids)} patients available")
+    order = np.arange(len(ids))
+    np.random.RandomState(seed).shuffle(order)
+    sizes = np.full(k, len(ids) // k, dtype=int)
+    sizes[: len(ids) % k] += 1
+    folds, start = [], 0
+    for size in sizes:
+        folds.append([ids[i] for i in sorted(order[start : start + size].tolist())])
+        start += size
+    return folds
+
+
+# --------------------------------------------------------------------------------------------- split record
+@dataclass
+class Split:
+    """One split of a dataset into case-id lists, with everything needed to reproduce it.
+
+    ``test``/``val``/``labelled``/``unlabelled`` are sorted case ids; ``patients`` holds the sorted patient ids of
+    each part. ``fold``/``n_folds``/``fold_seed`` are None for a fixed hold-out test list. ``budget`` is the budget
+    as given, ``budget_m`` the resolved number of labelled patients, ``val_patients`` the validation size as given.
+    """
+
+    test: list[str]
+    val: list[str]
+    labelled: list[str]
+    unlabelled: list[str]
+    fold: int | None
+    n_folds: int | None
+    fold_seed: int | None
+    val_seed: int
+    budget_seed: int | None
+    val_patients: int | float
+    budget: int | float | str
+    budget_m: int
+    budget_mode: str
+    rule: str
+    patients: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def train(self) -> list[str]:
+        """Training-part cases that may be used for training (labelled + unlabelled, not val)."""
+        return sorted(self.labelled + self.unlabelled)
+
+    @property
+    def n_patients(self) -> dict[str, int]:
+        """Number of patients per part."""
+        return {part: len(self.patients.get(part, [])) for part in PARTS}
+
+    def part_of(self, case_id: str) -> str:
+        """The part (``test``, ``val``, ``labelled`` or ``unlabelled``) holding ``case_id``."""
+        for part in PARTS:
+            if case_id in getattr(self, part):
+                return part
+        raise KeyError(case_id)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": SPLIT_FORMAT, **asdict(self)}
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, source: str = "split") -> Split:
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{source}: a split must be a JSON object")
+        if data.get("format", SPLIT_FORMAT) != SPLIT_FORMAT:
+            raise ConfigError(f"{source}: unknown split format {data.get('format')!r} (expected {SPLIT_FORMAT!r})")
+        names = list(cls.__dataclass_fields__)
+        bad = sorted(set(data) - set(names) - {"format"}) or [n for n in names if n not in data and n != "patients"]
+        if bad:
+            raise ConfigError(f"{source}: split key {bad[0]!r} is {'unknown' if bad[0] in data else 'missing'}")
+        seen: dict[str, str] = {}
+        for part in PARTS:
+            if not isinstance(data[part], list) or not all(isinstance(c, str) for c in data[part]):
+                raise ConfigError(f"{source}: split key {part!r} must be a list of case ids")
+            for case in data[part]:
+                if seen.setdefault(case, part) != part:
+                    raise ConfigError(f"{source}: case {case!r} is in both {seen[case]!r} and {part!r}")
+        kwargs = {n: data[n] for n in names if n in data}
+        kwargs.update({part: list(data[part]) for part in PARTS})
+        kwargs["patients"] = {str(k): list(v) for k, v in dict(data.get("patients") or {}).items()}
+        return cls(**kwargs)
+
+    @classmethod
+    def from_json(cls, text: str, *, source: str = "split") -> Split:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{source}: not valid JSON: {exc.msg} (line {exc.lineno})") from None
+        return cls.from_dict(data, source=source)
+
+
+def save_split(split: Split, path: str | Path) -> Path:
+    """Write ``split`` as JSON atomically (temp file in the same folder + ``os.replace``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(split.to_json() + "\n")
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_split(path: str | Path) -> Split:
+    """Read a split written by :func:`save_split`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"split file {path} not found")
+    return Split.from_json(path.read_text(encoding="utf-8"), source=f"split file {path}")
+
+
+# --------------------------------------------------------------------------------------------- make_split
+def _resolve_count(name: str, value: Any, n: int, *, budget: bool, context: str) -> int:
+    """An int count, or a fraction of ``n`` rounded half up (at least 1 when > 0): (0, 1] budget, [0, 1) val."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise ConfigError(f"{name} must be an integer or a fraction (got {value!r})")
+    f = float(value)
+    ok = (0.0 < f <= 1.0) if budget else (0.0 <= f < 1.0)
+    if not (math.isfinite(f) and ok):
+        raise ConfigError(f"{name} fraction {f} is outside {'(0, 1]' if budget else '[0, 1)'} ({n} {context})")
+    return max(1, math.floor(f * n + 0.5)) if f > 0 else 0
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars → Python int/float (so the split serialises to JSON)."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return int(value) if isinstance(value, numbers.Integral) else float(value)
+    return value
+
+
+def _parse_budget(budget: Any) -> int | float | str:
+    if not isinstance(budget, str):
+        return budget
+    text = budget.strip().lower()
+    if text == "all":
+        return "all"
+    for conv in (int, float):
+        try:
+            return conv(text)
+        except ValueError:
+            pass
+    raise ConfigError(f"budget must be an integer, a fraction or 'all' (got {budget!r})")
+
+
+def make_split(
+    case_ids: Sequence[str],
+    *,
+    fold: int | None = None,
+    n_folds: int = 5,
+    fold_seed: int = 12345,
+    val_patients: int | float = 2,
+    val_seed: int = 0,
+    budget: int | float | str = "all",
+    budget_seed: int | None = 0,
+    budget_mode: str = "nested",
+    groups: Mapping[str, str] | None = None,
+    test_cases: Sequence[str] | None = None,
+    rule: str | None = None,
+) -> Split:
+    """Split cases into test / val / labelled / unlabelled, by patient.
+
+    Args:
+        case_ids: every case id (unique).
+        fold: index of the k-fold test fold (required unless ``test_cases`` is given, then ignored).
+        n_folds, fold_seed: the ``KFold`` over sorted patient ids (see :func:`kfold_patients`).
+        val_patients: validation size: a patient count, or a fraction in [0, 1) of the non-test patients.
+        val_seed: seed of ``np.random.default_rng`` permuting the sorted non-test patients (first V are val).
+        budget: labelled patients M: an int, a fraction in (0, 1] of the training patients, or ``"all"``.
+        budget_seed: ``nested``: seed of ``np.random.default_rng`` (None → 0); ``legacy``: ``random.seed``
+            (None → 1234, the KAF/PCL value).
+        budget_mode: ``"nested"`` (first M of one permutation) or ``"legacy"`` (``random.sample``).
+        groups: ``{case: patient}`` (see :func:`patient_groups`); None → each case its own patient.
+        test_cases: a fixed hold-out list; all patients of these cases are test.
+        rule: description of the grouping rule, stored in the split (default: derived).
+    """
+    cases = [str(c) for c in case_ids]
+    if not cases:
+        raise ConfigError("make_split: the case list is empty")
+    if len(set(cases)) != len(cases):
+        raise ConfigError(f"make_split: case id {next(c for c in cases if cases.count(c) > 1)!r} appears twice")
+    if groups is None:
+        groups = {c: c for c in cases}
+        rule = rule or describe_rule(None, None)
+    else:
+        missing = [c for c in cases if c not in groups]
+        if missing:
+            raise ConfigError(f"case {missing[0]!r} has no patient in the grouping ({len(missing)} cases missing)")
+        rule = rule or "explicit case -> patient mapping"
+    case_patient = {c: str(groups[c]) for c in cases}
+    all_patients = sorted(set(case_patient.values()))
+    if budget_mode not in BUDGET_MODES:
+        raise ConfigError(f"budget_mode must be one of {BUDGET_MODES} (got {budget_mode!r})")
+    val_seed = _check_int("val_seed", val_seed)
+    if budget_seed is not None:
+        budget_seed = _check_int("budget_seed", budget_seed)
+
+    # --- test part
+    if test_cases is not None:
+        unknown = [c for c in test_cases if c not in case_patient]
+        if unknown:
+            raise ConfigError(f"test case {unknown[0]!r} is not among the {len(cases)} cases")
+        test_patients = sorted({case_patient[c] for c in test_cases})
+        if not test_patients:
+            raise ConfigError("test_cases is empty: a hold-out split needs at least one test case")
+        fold_i, n_folds_i, fold_seed_i = None, None, None
+        where = "the hold-out split"
+    else:
+        if fold is None:
+            raise ConfigError("make_split: 'fold' is required unless a fixed test_cases list is given")
+        n_folds_i = _check_int("n_folds", n_folds, minimum=2)
+        fold_i = _check_int("fold", fold)
+        fold_seed_i = _check_int("fold_seed", fold_seed)
+        if fold_i >= n_folds_i:
+            raise ConfigError(f"fold index {fold_i} is out of range for n_folds={n_folds_i} "
+                              f"(valid: 0..{n_folds_i - 1})")
+        if n_folds_i > len(all_patients):
+            raise ConfigError(f"n_folds={n_folds_i} exceeds the {len(all_patients)} patients available")
+        test_patients = kfold_patients(all_patients, n_folds_i, fold_seed_i)[fold_i]
+        where = f"fold {fold_i}"
+    test_set = set(test_patients)
+    non_test = [p for p in all_patients if p not in test_set]
+    if not non_test:
+        raise ConfigError(f"no training patients are left in {where} ({len(test_patients)} test patients)")
+
+    # --- validation subset
+    n_val = _resolve_count("val_patients", val_patients, len(non_test), budget=False,
+                           context=f"non-test patients in {where}")
+    if n_val < 0:
+        raise ConfigError(f"validation size val_patients={n_val} is negative")
+    if n_val >= len(non_test):
+        raise ConfigError(f"validation subset of {n_val} patients leaves no training patients in {where} "
+                          f"({len(non_test)} non-test patients)")
+    perm = np.random.default_rng(val_seed).permutation(len(non_test))
+    val_set = {non_test[i] for i in perm[:n_val].tolist()}
+    train = [p for p in non_test if p not in val_set]  # sorted
+
+    # --- label budget
+    budget_given = _parse_budget(budget)
+    after_val = f"after {n_val} validation patients"
+    if budget_given == "all":
+        m = len(train)
+    else:
+        m = _resolve_count("label budget", budget_given, len(train), budget=True,
+                           context=f"training patients in {where} {after_val}")
+    if m < 1:
+        raise ConfigError(f"label budget M={m} is below 1 ({len(train)} training patients available in {where})")
+    if m > len(train):
+        raise ConfigError(f"label budget M={m} exceeds the {len(train)} training patients available in {where} "
+                          f"({after_val})")
+    if budget_mode == "nested":
+        seed = 0 if budget_seed is None else budget_seed
+        order = np.random.default_rng(seed).permutation(len(train)).tolist()
+        labelled_patients = [train[i] for i in order[:m]]
+    else:
+        # a private Random(s) draws exactly what random.seed(s); random.sample(...) draws, without touching
+        # the global generator
+        labelled_patients = random.Random(1234 if budget_seed is None else budget_seed).sample(train, m)
+    lab_set = set(labelled_patients)
+
+    patients = {"test": sorted(test_set), "val": sorted(val_set), "labelled": sorted(lab_set),
+                "unlabelled": [p for p in train if p not in lab_set]}
+    part_of = {p: part for part, ps in patients.items() for p in ps}
+    lists: dict[str, list[str]] = {part: [] for part in PARTS}
+    for c in sorted(cases):
+        lists[part_of[case_patient[c]]].append(c)
+    return Split(
+        **lists, fold=fold_i, n_folds=n_folds_i, fold_seed=fold_seed_i, val_seed=val_seed, budget_seed=budget_seed,
+        val_patients=_plain(val_patients), budget=_plain(budget_given), budget_m=m, budget_mode=budget_mode,
+        rule=rule, patients=patients,
+    )

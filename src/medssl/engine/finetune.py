@@ -1,0 +1,193 @@
+"""``medssl finetune``: supervised training on the labelled budget, selection on the validation split."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.losses import DiceCELoss
+from monai.metrics import compute_dice
+from torch.utils.data import DataLoader
+
+from medssl.config import Config
+from medssl.data.augment import build_augmentation
+from medssl.data.cache import SliceCache, prepare
+from medssl.data.layouts import open_dataset
+from medssl.data.splits import Split, describe_rule, load_split, make_split, patient_groups, save_split
+from medssl.data.torch_data import EpochSampler, SliceDataset
+from medssl.engine.checkpoint import load_checkpoint
+from medssl.engine.distributed import DistInfo, barrier, broadcast_object, init_distributed
+from medssl.engine.runs import RunDir, write_json, write_text
+from medssl.engine.trainer import Trainer
+from medssl.errors import ConfigError, DataError
+from medssl.models import build_model, load_encoder
+
+
+def build_split(cfg: Config, cache: SliceCache) -> Split:
+    """Split the labelled cases by patient; cases without labels only ever feed pretraining."""
+    volumes = cache.meta["volumes"]
+    labelled = sorted(c for c, v in volumes.items() if v["labelled"])
+    unlabelled_only = sorted(c for c, v in volumes.items() if not v["labelled"])
+    if not labelled:
+        raise DataError(f"{cache.meta['root']}: no labelled cases: fine-tuning needs at least one")
+    test_cases = None
+    if cfg.split.test_cases:
+        path = Path(cfg.split.test_cases).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"config key 'split.test_cases': file not found: {path}")
+        test_cases = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+    groups = patient_groups(labelled, regex=cfg.split.group_regex, mapping_file=cfg.split.group_file)
+    split = make_split(labelled, fold=cfg.split.fold, n_folds=cfg.split.n_folds, fold_seed=cfg.split.fold_seed,
+                       val_patients=cfg.split.val, val_seed=cfg.split.val_seed, budget=cfg.split.budget,
+                       budget_seed=cfg.split.budget_seed, budget_mode=cfg.split.budget_mode, groups=groups,
+                       test_cases=test_cases,
+                       rule=describe_rule(cfg.split.group_regex, cfg.split.group_file))
+    split.unlabelled = sorted(set(split.unlabelled) | set(unlabelled_only))
+    return split
+
+
+def model_meta(cfg: Config, cache: SliceCache) -> dict:
+    return {"kind": "finetune", "model": dataclasses.asdict(cfg.model), "data": dataclasses.asdict(cfg.data),
+            "modality": cache.meta["settings"]["modality"], "labels": cache.meta["labels"],
+            "n_classes": cache.n_classes, "in_channels": 1}
+
+
+def init_from_checkpoint(model, path: str, mode: str, backbone: str) -> None:
+    ckpt = load_checkpoint(path)
+    meta = ckpt["meta"]
+    have = meta.get("model", {}).get("backbone")
+    if have is not None and have != backbone:
+        raise ConfigError(f"--init {path}: checkpoint backbone '{have}' does not match model.backbone '{backbone}'")
+    if mode == "encoder":
+        load_encoder(model, ckpt["model"], strict=True)
+    else:
+        try:
+            model.load_state_dict(ckpt["model"], strict=True)
+        except RuntimeError as exc:
+            raise ConfigError(f"--init {path}: weights do not fit the model "
+                              f"({str(exc).splitlines()[0][:160]})") from None
+
+
+class Validator:
+    """Mean foreground 3D Dice over the validation cases, on the cached (fitted) slices."""
+
+    def __init__(self, cache: SliceCache, case_ids: list[str], device: torch.device, batch_size: int = 32):
+        self.cache, self.case_ids, self.device, self.batch_size = cache, case_ids, device, batch_size
+
+    def __call__(self, model) -> dict:
+        n = self.cache.n_classes
+        per_case = []
+        for case in self.case_ids:
+            x, y = self.cache.case_volume(case)
+            preds = []
+            for i in range(0, len(x), self.batch_size):
+                xb = torch.from_numpy(np.array(x[i:i + self.batch_size]))[:, None].to(self.device)
+                preds.append(model(xb).float().argmax(1).cpu())
+            pred = torch.cat(preds)  # (Z, S, S)
+            gt = torch.from_numpy(np.array(y, dtype=np.int64))
+            p1 = torch.nn.functional.one_hot(pred, n).permute(3, 0, 1, 2)[None]
+            g1 = torch.nn.functional.one_hot(gt, n).permute(3, 0, 1, 2)[None]
+            d = compute_dice(p1, g1, include_background=False, ignore_empty=True)[0]  # NaN where GT empty
+            both_empty = (p1[0, 1:].flatten(1).sum(1) == 0) & (g1[0, 1:].flatten(1).sum(1) == 0)
+            d = torch.where(both_empty, torch.ones_like(d), torch.nan_to_num(d, nan=0.0))
+            per_case.append(d.numpy())
+        arr = np.stack(per_case) if per_case else np.zeros((0, n - 1))
+        out = {"score": float(arr.mean()) if arr.size else 0.0}
+        for c in range(1, n):
+            out[f"dice_{c}"] = float(arr[:, c - 1].mean()) if arr.size else 0.0
+        return out
+
+
+def finetune(cfg: Config, *, resume: bool = False, progress: bool = True) -> Path:
+    """Train a segmentation model; returns the run folder."""
+    dist = init_distributed()
+    run = RunDir.for_config(cfg)
+    if resume:
+        saved = run.saved_config()
+        if saved.train.init != cfg.train.init and cfg.train.init is not None:
+            raise ConfigError(f"--resume: the run was started with train.init={saved.train.init!r}")
+        cfg = saved
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True)
+    torch.manual_seed(cfg.train.seed)
+
+    # data: rank 0 prepares (or reuses) the cache, the others wait and then load it
+    info = open_dataset(cfg.data.path, modality=cfg.data.modality) if cfg.data.path else None
+    if info is None:
+        raise ConfigError("config key 'data.path' is empty: give the dataset folder (data.path=...)")
+    if dist.is_main:
+        run.start(cfg, resume=resume, kind="finetune")
+        cache = prepare(cfg.data, info, progress=progress)
+    barrier(dist)
+    if not dist.is_main:
+        cache = prepare(cfg.data, info, progress=False)
+
+    split_path = run.path / "splits.json"
+    if dist.is_main:
+        split = load_split(split_path) if (resume and split_path.is_file()) else build_split(cfg, cache)
+        save_split(split, split_path)
+    split = broadcast_object(dist, split if dist.is_main else None)
+    if not split.val:
+        raise ConfigError("config key 'split.val' gives no validation patients: model selection needs at least 1")
+
+    model = build_model(cfg.model.backbone, in_channels=1, n_classes=cache.n_classes,
+                        features=cfg.model.features, **cfg.model.options)
+    if cfg.train.init and not resume:
+        init_from_checkpoint(model, cfg.train.init, cfg.train.init_mode, cfg.model.backbone)
+
+    rows = cache.rows(split.labelled)
+    pipeline = build_augmentation(cfg.aug)
+    dataset = SliceDataset(cache, rows, pipeline, seed=cfg.train.seed)
+    steps = cfg.train.steps_per_epoch or max(1, math.ceil(len(rows) / cfg.train.batch_size))
+    per_rank = max(1, cfg.train.batch_size // dist.world)
+    sampler = EpochSampler(len(rows), steps * per_rank * dist.world, seed=cfg.train.seed,
+                           foreground=cache.present[rows, 1:].any(1),
+                           fg_fraction=cfg.train.foreground_oversample, rank=dist.rank, world=dist.world)
+
+    def make_loader(epoch: int):
+        sampler.set_epoch(epoch)
+        dataset.set_epoch(epoch)
+        return DataLoader(dataset, batch_size=per_rank, sampler=sampler, num_workers=cfg.train.num_workers,
+                          drop_last=True)
+
+    criterion = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, batch=True,
+                           lambda_dice=cfg.train.dice_weight, lambda_ce=cfg.train.ce_weight)
+
+    def loss_fn(net, batch):
+        x = batch["image"].to(dist.device, non_blocking=True)
+        y = batch["label"].to(dist.device, non_blocking=True)[:, None]
+        logits = net(x)
+        return criterion(logits.float(), y), {}
+
+    meta = model_meta(cfg, cache)
+    trainer = Trainer(model=model, cfg=cfg.train, run=run, dist=dist, loss_fn=loss_fn, make_loader=make_loader,
+                      steps_per_epoch=steps, validate=Validator(cache, split.val, dist.device), meta=meta,
+                      progress=progress)
+    state = trainer.fit(resume=resume)
+    if dist.is_main:
+        write_json(run.path / "train_state.json", dataclasses.asdict(state))
+        write_text(run.path / "summary.md", training_summary(cfg, split, state, len(rows), trainer.amp))
+    barrier(dist)
+    return run.path
+
+
+def training_summary(cfg: Config, split: Split, state, n_slices: int, amp: bool) -> str:
+    return "\n".join([
+        f"# {cfg.name}: fine-tuning",
+        "",
+        f"- data: `{cfg.data.path}` (axis {cfg.data.axis}, {cfg.data.size} px, fit {cfg.data.fit})",
+        f"- split: fold {split.fold} of {split.n_folds} (seed {split.fold_seed}); patients grouped by {split.rule}; "
+        f"label budget M={split.budget_m} ({split.budget_mode})",
+        f"- labelled: {len(split.labelled)} cases ({n_slices} slices); validation {len(split.val)}; "
+        f"test {len(split.test)}; unlabelled {len(split.unlabelled)}",
+        f"- model: {cfg.model.backbone} f={cfg.model.features}; init: {cfg.train.init or 'random'}",
+        f"- training: {cfg.train.epochs} epochs, {state.step} steps, batch {cfg.train.batch_size}, "
+        f"lr {cfg.train.lr}, bf16 {'on' if amp else 'off'}",
+        f"- best validation Dice {state.best_score:.4f} at epoch {state.best_epoch}",
+        "",
+    ])

@@ -1,0 +1,74 @@
+"""Inference: slices through a model, and whole volumes back to their own grid.
+
+``predict_volume`` applies exactly the preprocessing the model was trained with (stored in its
+checkpoint), runs the slices in batches, maps class probabilities back onto each slice's own
+(h, w) grid, and returns a label map on the volume's canonical grid; ``Volume.to_original`` /
+``save_like`` then write it in the input's geometry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from medssl.config import DataConfig, ModelConfig
+from medssl.data.cache import normalize_volume, volume_to_slices
+from medssl.data.slicing import stack_slices
+from medssl.data.volume import Volume
+from medssl.engine.checkpoint import load_checkpoint
+from medssl.engine.trainer import amp_enabled
+from medssl.errors import ConfigError
+from medssl.models import build_model
+
+
+@dataclass
+class Predictor:
+    model: nn.Module
+    data: DataConfig
+    modality: str
+    class_names: dict[int, str]
+    device: torch.device = torch.device("cpu")
+    amp: bool = False
+    batch_size: int = 32
+
+    @torch.no_grad()
+    def predict_slices(self, x: np.ndarray) -> np.ndarray:
+        """(Z, S, S) normalised slices -> (Z, C, S, S) softmax probabilities (float32)."""
+        self.model.eval()
+        out = []
+        for i in range(0, len(x), self.batch_size):
+            xb = torch.from_numpy(np.ascontiguousarray(x[i:i + self.batch_size], np.float32))[:, None]
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                logits = self.model(xb.to(self.device))
+            out.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, len(self.class_names)) + x.shape[1:], np.float32)
+
+    def predict_volume(self, volume: Volume) -> np.ndarray:
+        """Canonical image volume -> canonical uint8 label map of the same shape."""
+        norm = normalize_volume(volume.array, self.modality, self.data)
+        xs, _, fit = volume_to_slices(norm, None, self.data)
+        probs = self.predict_slices(xs)
+        labels = np.stack([fit.inverse(p).argmax(0) for p in probs]).astype(np.uint8)
+        return stack_slices(labels, self.data.axis)
+
+
+def load_predictor(checkpoint: str | Path, *, device: str | None = None, batch_size: int = 32,
+                   amp: str = "auto") -> Predictor:
+    """Rebuild model and preprocessing from a fine-tuning checkpoint."""
+    ckpt = load_checkpoint(checkpoint)
+    meta = ckpt["meta"]
+    if meta.get("kind") != "finetune":
+        raise ConfigError(f"{checkpoint}: not a fine-tuned segmentation checkpoint (kind={meta.get('kind')!r})")
+    mcfg = ModelConfig(**meta["model"])
+    model = build_model(mcfg.backbone, in_channels=1, n_classes=meta["n_classes"], features=mcfg.features,
+                        **mcfg.options)
+    model.load_state_dict(ckpt["model"], strict=True)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(dev)
+    return Predictor(model=model, data=DataConfig(**meta["data"]), modality=meta["modality"],
+                     class_names={int(k): v for k, v in meta["labels"].items()}, device=dev,
+                     amp=amp_enabled(amp, dev), batch_size=batch_size)

@@ -1,0 +1,170 @@
+"""The one training loop shared by fine-tuning and pretraining.
+
+A method supplies ``loss_fn(model, batch) -> (loss, logs)``, a ``make_loader(epoch)`` and optionally
+``validate(model) -> dict`` with a ``score`` entry (higher is better). The loop owns everything else:
+the optimiser and cosine schedule, bf16 autocast, DDP, non-finite checks, checkpoints after every
+epoch (``last.pt``, and ``best.pt`` on the best validation score), ``--resume``, TensorBoard and a
+JSON-lines log. Randomness is a function of (seed, epoch), so a resumed run on CPU in
+deterministic mode ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from medssl.config import TrainConfig
+from medssl.engine.checkpoint import load_checkpoint, save_checkpoint
+from medssl.engine.distributed import DistInfo, all_reduce_mean, barrier
+from medssl.engine.runs import RunDir
+from medssl.errors import TrainingError
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0  # epochs completed
+    step: int = 0
+    best_score: float = -math.inf
+    best_epoch: int = -1
+
+
+def amp_enabled(mode: str, device: torch.device) -> bool:
+    """bf16 autocast: "bf16" forces it, "auto" uses it where the hardware has native bf16."""
+    if mode == "off":
+        return False
+    if mode == "bf16":
+        return True
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def lr_at(cfg: TrainConfig, step: int, total: int) -> float:
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    t = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def build_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+    cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+class Trainer:
+    def __init__(self, *, model: nn.Module, cfg: TrainConfig, run: RunDir, dist: DistInfo,
+                 loss_fn: Callable, make_loader: Callable, steps_per_epoch: int,
+                 validate: Callable | None = None, meta: dict | None = None, progress: bool = True):
+        self.model, self.cfg, self.run, self.dist = model.to(dist.device), cfg, run, dist
+        self.loss_fn, self.make_loader, self.validate = loss_fn, make_loader, validate
+        self.steps_per_epoch, self.meta, self.progress = steps_per_epoch, meta or {}, progress
+        self.amp = amp_enabled(cfg.amp, dist.device)
+        self.optimizer = build_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
+        self.state = TrainState()
+        self.writer = None
+
+    # ---------------------------------------------------------------- checkpoints
+    def _meta(self) -> dict:
+        return {**self.meta, "state": asdict(self.state), "amp": self.amp}
+
+    def save(self, best: bool = False) -> None:
+        if not self.dist.is_main:
+            return
+        sd = self.model.state_dict()
+        if best:
+            save_checkpoint(self.run.best, model=sd, meta=self._meta())
+        else:
+            save_checkpoint(self.run.last, model=sd, meta=self._meta(), optimizer=self.optimizer.state_dict())
+
+    def resume(self) -> bool:
+        if not self.run.last.is_file():
+            return False
+        ckpt = load_checkpoint(self.run.last)
+        self.model.load_state_dict(ckpt["model"], strict=True)
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.state = TrainState(**ckpt["meta"]["state"])
+        return True
+
+    # ---------------------------------------------------------------- loop
+    def fit(self, resume: bool = False) -> TrainState:
+        cfg, dist = self.cfg, self.dist
+        if resume and self.resume() and dist.is_main:
+            print(f"resuming {self.run.path} after epoch {self.state.epoch} (step {self.state.step})")
+        net = self.model
+        if dist.enabled:
+            ids = [dist.device.index] if dist.device.type == "cuda" else None
+            net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        if dist.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(self.run.path / "tensorboard"))
+        total = cfg.epochs * self.steps_per_epoch
+        try:
+            for epoch in range(self.state.epoch, cfg.epochs):
+                self._epoch(net, epoch, total)
+        finally:
+            if self.writer is not None:
+                self.writer.close()
+        return self.state
+
+    def _epoch(self, net: nn.Module, epoch: int, total: int) -> None:
+        from tqdm.auto import tqdm
+
+        cfg, dist, t0 = self.cfg, self.dist, time.time()
+        torch.manual_seed(cfg.seed * 100_003 + epoch * 101 + dist.rank)
+        net.train()
+        sums: dict[str, float] = {}
+        n = 0
+        bar = tqdm(self.make_loader(epoch), total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   disable=None if (self.progress and dist.is_main) else True, leave=False)
+        for batch in bar:
+            lr = lr_at(cfg, self.state.step, total)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            with torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                loss, logs = self.loss_fn(net, batch)
+            value = all_reduce_mean(dist, loss.detach().float())
+            if not torch.isfinite(value):
+                raise TrainingError(
+                    f"non-finite loss ({value.item()}) at epoch {epoch + 1}, step {self.state.step}; stopped. "
+                    f"The last good checkpoint is kept: {self.run.last if self.run.last.exists() else 'none yet'}")
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.state.step += 1
+            n += 1
+            logs = {"loss": value.item(), **{k: float(v) for k, v in logs.items()}}
+            for k, v in logs.items():
+                sums[k] = sums.get(k, 0.0) + v
+            bar.set_postfix(loss=f"{logs['loss']:.4f}")
+            if self.writer is not None and self.state.step % 10 == 0:
+                for k, v in logs.items():
+                    self.writer.add_scalar(f"train/{k}", v, self.state.step)
+                self.writer.add_scalar("train/lr", lr, self.state.step)
+        record = {"epoch": epoch + 1, "step": self.state.step, "seconds": round(time.time() - t0, 2),
+                  **{f"train_{k}": v / max(1, n) for k, v in sums.items()}}
+        self.state.epoch = epoch + 1
+        last_epoch = self.state.epoch == cfg.epochs
+        if self.validate is not None and (self.state.epoch % cfg.val_every == 0 or last_epoch):
+            if dist.is_main:
+                self.model.eval()
+                with torch.no_grad(), torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                    val = self.validate(self.model)
+                record.update({f"val_{k}": v for k, v in val.items()})
+                if val["score"] > self.state.best_score:
+                    self.state.best_score, self.state.best_epoch = float(val["score"]), self.state.epoch
+                    self.save(best=True)
+                if self.writer is not None:
+                    for k, v in val.items():
+                        self.writer.add_scalar(f"val/{k}", v, self.state.epoch)
+            barrier(dist)
+        self.save()
+        if dist.is_main:
+            self.run.log(record)
+            if self.progress:
+                print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in record.items()}))

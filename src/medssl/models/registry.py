@@ -1,0 +1,59 @@
+"""A tiny backbone registry: ``@register_backbone(name)`` builders and :func:`build_model`.
+
+A builder takes ``in_channels`` and ``n_classes`` as keywords plus its own options and returns a
+:class:`~medssl.models.unet.SegmentationModel`. New backbones register with one decorated function.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from medssl.errors import ConfigError
+from medssl.models.unet import SegmentationModel, build_monai_basicunet, build_unet
+
+__all__ = ["register_backbone", "build_model", "available_backbones"]
+
+Builder = Callable[..., SegmentationModel]
+_BACKBONES: dict[str, Builder] = {}
+
+
+def register_backbone(name: str) -> Callable[[Builder], Builder]:
+    """Decorator registering ``fn(*, in_channels, n_classes, **kwargs) -> SegmentationModel`` under ``name``."""
+
+    def decorator(fn: Builder) -> Builder:
+        if name in _BACKBONES and _BACKBONES[name] is not fn:
+            raise ValueError(f"backbone {name!r} is already registered")
+        _BACKBONES[name] = fn
+        return fn
+
+    return decorator
+
+
+def available_backbones() -> list[str]:
+    """Registered backbone names, sorted."""
+    return sorted(_BACKBONES)
+
+
+def build_model(name: str, *, in_channels: int, n_classes: int, **kwargs: Any) -> SegmentationModel:
+    """Build the registered backbone ``name``; ConfigError for an unknown name or option."""
+    if name not in _BACKBONES:
+        raise ConfigError(f"model.backbone: unknown backbone {name!r}; available: {', '.join(available_backbones())}")
+    try:
+        return _BACKBONES[name](in_channels=in_channels, n_classes=n_classes, **kwargs)
+    except TypeError as exc:
+        if "keyword argument" not in str(exc):
+            raise
+        raise ConfigError(f"model: bad option for backbone {name!r}: {exc}") from None
+
+
+@register_backbone("unet")
+def _unet(*, in_channels: int, n_classes: int, features: int = 32) -> SegmentationModel:
+    return build_unet(in_channels=in_channels, n_classes=n_classes, features=features)
+
+
+@register_backbone("monai-basicunet")
+def _monai_basicunet(
+    *, in_channels: int, n_classes: int, features: tuple[int, ...] = (32, 32, 64, 128, 256, 32)
+) -> SegmentationModel:
+    return build_monai_basicunet(in_channels=in_channels, n_classes=n_classes, features=features)

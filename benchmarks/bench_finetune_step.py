@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import gc
 import json
 import os
 import platform
@@ -45,18 +46,20 @@ def _count(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def build(name: str, features: int, n_classes: int):
-    """The medssl UNet(f) or a MONAI network whose width is chosen to match its parameter count."""
+def choose(name: str, features: int, n_classes: int):
+    """(factory, description) of the medssl UNet(f) or of a MONAI net whose width matches its parameter count."""
     _ensure_medssl_importable()
     from monai.networks.nets import UNet as MonaiUNet
     from monai.networks.nets import BasicUNet
 
     from medssl.models import build_model
 
-    ours = build_model("unet", in_channels=1, n_classes=n_classes, features=features)
+    def ours():
+        return build_model("unet", in_channels=1, n_classes=n_classes, features=features)
+
     if name == "medssl-unet":
         return ours, f"UNet(c1) f={features}"
-    target = _count(ours)
+    target = _count(ours())
     if name == "monai-basicunet":
         make = lambda a: BasicUNet(2, 1, n_classes, features=(a, a, 2 * a, 4 * a, 8 * a, a))  # noqa: E731
         desc = "BasicUNet features=({a},{a},{a2},{a4},{a8},{a})"
@@ -72,7 +75,7 @@ def build(name: str, features: int, n_classes: int):
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if _count(make(mid)) <= target else (lo, mid)
     a = min((lo, hi), key=lambda w: abs(_count(make(w)) - target))
-    return make(a), desc.format(a=a, a2=2 * a, a4=4 * a, a8=8 * a, a16=16 * a)
+    return (lambda: make(a)), desc.format(a=a, a2=2 * a, a4=4 * a, a8=8 * a, a16=16 * a)
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -95,8 +98,10 @@ def worker(args: argparse.Namespace) -> None:
         out = tiny(torch.randn(1, 1, 16, 16))
     out.float().sum().backward()
     del tiny, out
+    make, desc = choose(args.worker_model, args.features, args.classes)  # width search before the baseline
+    gc.collect()
     rss0_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    model, desc = build(args.worker_model, args.features, args.classes)
+    model = make()
     model.train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
@@ -112,25 +117,28 @@ def worker(args: argparse.Namespace) -> None:
         opt.step()
         return float(loss.detach())
 
-    times, losses = [], []
-    for i in range(args.warmup + args.steps):
-        t0 = time.perf_counter()
-        losses.append(step())
-        if i >= args.warmup:
-            times.append(time.perf_counter() - t0)
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    with FlopCounterMode(display=False) as counter:
-        step()
-    flops = counter.get_total_flops()
-    saved: dict[int, int] = {}  # storage address -> bytes of the tensors autograd keeps for backward
+    # step 0, untimed: analytic FLOPs and the bytes autograd saves for backward
+    saved: dict[int, int] = {}  # storage address -> bytes
 
     def pack(t):
         st = t.untyped_storage()
         saved[st.data_ptr()] = max(saved.get(st.data_ptr(), 0), st.nbytes())
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        step()
+    with FlopCounterMode(display=False) as counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        losses = [step()]
+    flops = counter.get_total_flops()
+    for _ in range(args.warmup):
+        losses.append(step())
+    times = []
+    ru0, w0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        losses.append(step())
+        times.append(time.perf_counter() - t0)
+    ru1, w1 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    cpu_s = (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)
+    peak_kib = ru1.ru_maxrss
     med = statistics.median(times)
     print(
         json.dumps(
@@ -147,6 +155,7 @@ def worker(args: argparse.Namespace) -> None:
                 "rss_delta_mib": (peak_kib - rss0_kib) / 1024,
                 "saved_mib": sum(saved.values()) / 2**20,
                 "state_mib": 4 * sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20,
+                "cpu_use": cpu_s / ((w1 - w0) * args.threads),
                 "loss_first_last": [losses[0], losses[-1]],
             }
         )
@@ -229,14 +238,14 @@ def _shared_argv(args: argparse.Namespace) -> list[str]:
 def markdown_table(rows: list[dict], peaks: dict[str, float]) -> str:
     lines = [
         "| model | config | params (M) | dtype | step (ms, median) | images/s | GFLOP/step | achieved GFLOP/s "
-        "| % of mm peak | saved act. (MiB) | weights+grads+Adam (MiB) | peak RSS Δ (MiB) |",
-        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| % of mm peak | CPU use | saved act. (MiB) | weights+grads+Adam (MiB) | peak RSS Δ (MiB) |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['desc']} | {r['params'] / 1e6:.2f} | {r['dtype']} | {1e3 * r['step_s']:.0f} "
             f"| {r['images_per_s']:.1f} | {r['flops'] / 1e9:.3g} | {r['gflops_per_s']:.3g} | {r['pct_peak']:.2g} "
-            f"| {r['saved_mib']:.0f} | {r['state_mib']:.0f} | {r['rss_delta_mib']:.0f} |"
+            f"| {100 * r['cpu_use']:.0f}% | {r['saved_mib']:.0f} | {r['state_mib']:.0f} | {r['rss_delta_mib']:.0f} |"
         )
     peak_line = ", ".join(f"{d} {g:.1f} GFLOP/s" for d, g in peaks.items())
     return "\n".join(lines) + f"\n\nMatmul peak (`torch.mm`, best of 5×3): {peak_line}."
@@ -259,7 +268,10 @@ logits) → backward → `Adam.step`, models in train mode, random 1×{args.size
 classes, batch {args.batch}. bf16 = forward under `torch.autocast("cpu", dtype=torch.bfloat16)` (the weights, the
 optimizer and the loss stay fp32). MONAI widths are chosen to match the medssl UNet's parameter count.
 
-- **images/s**: batch / median step time over {args.steps} steps after {args.warmup} warm-up steps.
+- **images/s**: batch / median step time over {args.steps} timed steps, after one untimed counting step (FLOPs,
+  saved tensors) and {args.warmup} warm-up step(s).
+- **CPU use**: process CPU time / (wall time × threads) over the timed steps; well under 100% means the threads
+  were descheduled (other processes on the machine) and the row's speed is understated.
 - **GFLOP/step**: analytic, `torch.utils.flop_counter.FlopCounterMode` over forward + loss + backward (convolutions
   and matmuls only: BN, activations, pooling and the Adam update are not counted).
 - **% of mm peak**: achieved GFLOP/s over the `torch.mm` peak of the same dtype measured in the same run.

@@ -77,10 +77,26 @@ def finetune(ctx: typer.Context, config: Optional[str] = ConfigOpt, data: Option
     from medssl.engine.finetune import finetune as run_finetune
 
     cfg = _config(config, ctx, **{"data.path": data, "train.init": init, "train.init_mode": init_mode, "name": name})
-    run_dir = run_finetune(cfg, resume=resume)
+    run_path = Path(cfg.output_dir).expanduser() / cfg.name
+    fresh = not resume and not (run_path.is_dir() and any(run_path.iterdir()))
+    try:
+        run_dir = run_finetune(cfg, resume=resume)
+    except MedsslError:
+        if fresh and init_distributed().is_main:
+            _discard_unfinished_run(run_path)
+        raise
     if evaluate and init_distributed().is_main:
         _print_metrics(_evaluate(run_dir, "test", "best", False))
     typer.echo(f"run folder: {run_dir}")
+
+
+def _discard_unfinished_run(run_path: Path) -> None:
+    """Remove a run folder this command created when it failed before writing any checkpoint."""
+    import shutil
+
+    ckpts = run_path / "checkpoints"
+    if run_path.is_dir() and not (ckpts.is_dir() and any(ckpts.iterdir())):
+        shutil.rmtree(run_path, ignore_errors=True)
 
 
 def _evaluate(run_dir, part, checkpoint, save):
@@ -95,6 +111,10 @@ def evaluate(run_dir: str = typer.Argument(..., help="a fine-tuning run folder")
              checkpoint: str = typer.Option("best", help="best, last, or a path"),
              save_predictions: bool = typer.Option(False, help="also write {CASE}.nii.gz predictions")):
     """Per-volume 3D Dice / HD95 (mm), micro Dice and slice-mean Dice; writes metrics.json and a CSV."""
+    from medssl.errors import ConfigError
+
+    if not (Path(run_dir).expanduser() / "config.yaml").is_file():  # fail before the slow torch import
+        raise ConfigError(f"{run_dir}: no config.yaml: not a medssl run folder")
     _print_metrics(_evaluate(run_dir, part, checkpoint, save_predictions))
 
 
@@ -104,6 +124,11 @@ def predict(model: str = typer.Argument(..., help="a run folder (its best checkp
             output: str = typer.Option(..., "--output", "-o", help="folder for {CASE}.nii.gz"),
             case: Optional[list[str]] = typer.Option(None, "--case", help="only these case ids")):
     """Write label maps with the input's original shape, affine and orientation."""
+    from medssl.errors import DataError
+
+    for what, path in (("checkpoint or run folder", model), ("input", inputs)):
+        if not Path(path).expanduser().exists():  # fail before the slow torch import
+            raise DataError(f"{path}: {what} not found")
     from medssl.evaluation.evaluate import predict_files, run_checkpoint
 
     ckpt = run_checkpoint(model) if Path(model).is_dir() else Path(model)

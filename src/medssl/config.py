@@ -9,6 +9,7 @@ and values of the wrong type raise :class:`~medssl.errors.ConfigError` naming th
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -121,6 +122,19 @@ class Config:
 
 
 # --------------------------------------------------------------------------------------------
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-3`` / ``3E5`` as floats (YAML 1.2); PyYAML's 1.1 rules need a dot."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
     """Check (and gently coerce) ``value`` against annotation ``tp``."""
     origin = typing.get_origin(tp)
@@ -206,9 +220,11 @@ def parse_overrides(overrides: list[str] | None) -> dict:
         key, raw = item.split("=", 1)
         key = key.strip().lstrip("-")
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = _yaml_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
+        if isinstance(value, bool) and raw.strip().lower() not in ("true", "false"):
+            value = raw.strip()  # YAML 1.1 reads on/off/yes/no as booleans: keep the word (train.amp=off)
         node = tree
         parts = key.split(".")
         for part in parts[:-1]:
@@ -224,24 +240,31 @@ def preset_names() -> list[str]:
     return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
-def _read_yaml(source: str | Path) -> dict:
+def _read_yaml(source: str | Path, _chain: tuple[str, ...] = (), _folder: Path | None = None) -> dict:
     if isinstance(source, str) and source in preset_names():
         text = (resources.files("medssl") / "configs" / f"{source}.yaml").read_text()
-        where = f"preset '{source}'"
+        where = key = f"preset '{source}'"
     else:
         path = Path(source).expanduser()
+        if _folder is not None and not path.is_absolute() and (_folder / path).is_file():
+            path = _folder / path  # a relative ``base:`` is looked up next to the file that names it
         if not path.is_file():
             raise ConfigError(f"config file not found: {path} (presets: {', '.join(preset_names())})")
-        text, where = path.read_text(), str(path)
+        text, where, key = path.read_text(), str(path), str(path.resolve())
+        _folder = path.resolve().parent
+    if key in _chain:
+        raise ConfigError(f"{where}: circular 'base:' chain ({' -> '.join(_chain + (key,))})")
     try:
-        data = yaml.safe_load(text) or {}
+        data = _yaml_load(text) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{where}: invalid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: the top level must be a mapping")
     base = data.pop("base", None)  # a config may extend a preset or another file
     if base:
-        data = _deep_merge(_read_yaml(base), data)
+        if not isinstance(base, (str, Path)):
+            raise ConfigError(f"{where}: 'base' must be a preset name or a file path, got {base!r}")
+        data = _deep_merge(_read_yaml(str(base), _chain + (key,), _folder), data)
     return data
 
 

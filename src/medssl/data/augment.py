@@ -30,8 +30,10 @@ def build_augmentation(cfg: AugConfig) -> T.Compose | None:
                                  padding_mode="border"))
     if cfg.scale_prob > 0:
         lo, hi = cfg.scale_range
-        ops.append(T.RandAffined(KEYS, prob=cfg.scale_prob, scale_range=((lo - 1.0, hi - 1.0),),
-                                 mode=("bilinear", "nearest"), padding_mode="border"))
+        # RandZoomd draws ONE factor for both axes (RandAffined's scale_range draws one per axis and,
+        # given a single range, scales axis 0 only); keep_size crops/pads back to (H, W)
+        ops.append(T.RandZoomd(KEYS, prob=cfg.scale_prob, min_zoom=lo, max_zoom=hi,
+                               mode=("bilinear", "nearest"), padding_mode="edge", keep_size=True))
     if cfg.elastic_prob > 0:
         ops.append(T.Rand2DElasticd(KEYS, spacing=cfg.elastic_spacing, magnitude_range=tuple(cfg.elastic_magnitude),
                                     prob=cfg.elastic_prob, mode=("bilinear", "nearest"), padding_mode="border"))

@@ -34,7 +34,7 @@ from medssl.data.readers import read_case
 from medssl.data.slicing import SliceFit, volume_slices
 from medssl.errors import DataError
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: labels resized with centre-aligned nearest (cv2.INTER_NEAREST_EXACT)
 
 
 def case_fingerprint(case: Case) -> list:

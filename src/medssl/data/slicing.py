@@ -1,7 +1,7 @@
 """2D slicing of canonical volumes and the exact, invertible fit of a slice to the network size.
 
 ``SliceFit`` maps an (h, w) slice onto a (size, size) canvas: an optional isotropic rescale (OpenCV;
-bilinear for images, nearest for labels), then centre padding. ``inverse`` maps network outputs
+bilinear for images, centre-aligned nearest for labels), then centre padding. ``inverse`` maps network outputs
 (class probabilities) back onto the (h, w) grid, so predictions are made at the input's own
 resolution.
 """
@@ -52,7 +52,9 @@ class SliceFit:
         """(h, w) -> (size, size)."""
         sh, sw = self.scaled_shape
         if (sh, sw) != (self.h, self.w):
-            interp = cv2.INTER_NEAREST if label else cv2.INTER_LINEAR
+            # INTER_NEAREST samples floor(dst * scale): labels would sit ~half an output pixel off the
+            # (centre-aligned) bilinear image; INTER_NEAREST_EXACT samples pixel centres like INTER_LINEAR
+            interp = cv2.INTER_NEAREST_EXACT if label else cv2.INTER_LINEAR
             src = img.astype(np.float32) if not label else img.astype(np.uint8)
             img = cv2.resize(src, (sw, sh), interpolation=interp)
         out = np.full((self.size, self.size), fill, dtype=img.dtype)

@@ -409,7 +409,7 @@ def make_split(
     if m < 1:
         raise ConfigError(f"label budget M={m} is below 1 ({len(train)} training patients available in {where})")
     if m > len(train):
-        raise ConfigError(f"label budget M={m} exceeds the {len(train)} training patients available in {where} "
+        raise ConfigError(f"config key 'split.budget': label budget M={m} exceeds the {len(train)} training patients available in {where} "
                           f"({after_val})")
     if budget_mode == "nested":
         seed = 0 if budget_seed is None else budget_seed

@@ -121,15 +121,18 @@ def finetune(cfg: Config, *, resume: bool = False, progress: bool = True) -> Pat
     if info is None:
         raise ConfigError("config key 'data.path' is empty: give the dataset folder (data.path=...)")
     if dist.is_main:
-        run.start(cfg, resume=resume, kind="finetune")
+        if not resume:
+            run.check_new()
         cache = prepare(cfg.data, info, progress=progress)
     barrier(dist)
     if not dist.is_main:
         cache = prepare(cfg.data, info, progress=False)
 
+    # the run folder is created only once the data and the split are known to be valid
     split_path = run.path / "splits.json"
     if dist.is_main:
         split = load_split(split_path) if (resume and split_path.is_file()) else build_split(cfg, cache)
+        run.start(cfg, resume=resume, kind="finetune")
         save_split(split, split_path)
     split = broadcast_object(dist, split if dist.is_main else None)
     if not split.val:

@@ -67,11 +67,16 @@ class RunDir:
     def best(self) -> Path:
         return self.ckpt_dir / "best.pt"
 
-    def start(self, cfg: Config, *, resume: bool, kind: str) -> None:
-        """Create the folder (refusing to overwrite an existing run unless resuming)."""
-        if self.path.exists() and any(self.path.iterdir()) and not resume:
+    def check_new(self) -> None:
+        """Refuse to start over an existing run (nothing is ever overwritten)."""
+        if self.path.exists() and any(self.path.iterdir()):
             raise ConfigError(f"run folder {self.path} already exists: pass --resume to continue it, "
                               f"or choose another name= / output_dir=")
+
+    def start(self, cfg: Config, *, resume: bool, kind: str) -> None:
+        """Create the folder (refusing to overwrite an existing run unless resuming)."""
+        if not resume:
+            self.check_new()
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         if not (self.path / "config.yaml").exists():
             write_text(self.path / "config.yaml", dump_config(cfg))

@@ -1,0 +1,192 @@
+"""The command line on bad input: one ``medssl: error:`` line naming the file or key, no traceback,
+a non-zero exit, and nothing half-written left behind."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from medssl import cli
+from medssl.errors import ConfigError, TrainingError
+from synth import blob_pair, make_msd, truncate_file, write_corrupt_gz, write_nifti
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "medssl", *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=120)
+
+
+def assert_one_line_error(res: subprocess.CompletedProcess, *needles: str) -> str:
+    """Non-zero exit, exactly one non-empty stderr line "medssl: error: ..." containing every needle."""
+    assert res.returncode != 0, res
+    assert "Traceback" not in res.stderr + res.stdout, res.stderr
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("medssl: error: "), lines[0]
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+def assert_no_valid_cache(cache_dir: Path) -> None:
+    """No cache that looks valid (meta.json) and no temporary build folder under ``cache_dir``."""
+    leftovers = list(cache_dir.rglob("*")) if cache_dir.exists() else []
+    assert leftovers == [], leftovers
+
+
+# ------------------------------------------------------------------ config
+def test_unknown_config_key(tmp_path):
+    res = run_cli("config", "--config", "demo", "train.lrr=1", cwd=tmp_path)
+    assert_one_line_error(res, "'train.lrr'")
+    assert res.returncode == 2 and res.stdout == ""
+    res = run_cli("config", "--config", "demo", "train.lr=1e-3", cwd=tmp_path)  # and the fine case works
+    assert res.returncode == 0 and "lr: 0.001" in res.stdout
+
+
+def test_missing_config_file_and_bad_value(tmp_path):
+    assert_one_line_error(run_cli("config", "--config", tmp_path / "nope.yaml", cwd=tmp_path), "nope.yaml")
+    assert_one_line_error(run_cli("config", "--config", "demo", "data.size=50", cwd=tmp_path), "'data.size'")
+
+
+# ------------------------------------------------------------------ prepare
+def test_prepare_missing_dataset_folder(tmp_path):
+    res = run_cli("prepare", "--data", tmp_path / "no_such_dataset", f"data.cache_dir={tmp_path / 'c'}", cwd=tmp_path)
+    assert_one_line_error(res, "no_such_dataset", "not found")
+    assert_no_valid_cache(tmp_path / "c")
+
+
+def _assert_prepare_fails_on(root: Path, bad_file: Path, tmp_path: Path, *needles: str) -> None:
+    cache_dir = tmp_path / "cache"
+    res = run_cli("prepare", "--data", root, f"data.cache_dir={cache_dir}", cwd=tmp_path)
+    assert_one_line_error(res, bad_file.name, *needles)
+    assert str(bad_file.relative_to(root.parent)) in res.stderr or str(bad_file) in res.stderr
+    assert_no_valid_cache(cache_dir)
+
+
+def test_prepare_truncated_nifti(tmp_path):
+    root = make_msd(tmp_path / "ds", 3)
+    bad = truncate_file(root / "imagesTr" / "case_001.nii.gz", keep=0.5)
+    _assert_prepare_fails_on(root, bad, tmp_path, "truncated")
+
+
+def test_prepare_corrupt_gzip(tmp_path):
+    root = make_msd(tmp_path / "ds", 3)
+    bad = write_corrupt_gz(root / "labelsTr" / "case_002.nii.gz")
+    _assert_prepare_fails_on(root, bad, tmp_path)
+
+
+def test_prepare_nan_voxels(tmp_path):
+    root = make_msd(tmp_path / "ds", 3)
+    image, _ = blob_pair(seed=1)
+    image[2, 3, 4] = np.nan
+    image[0, 0, 0] = np.inf
+    bad = write_nifti(root / "imagesTr" / "case_001.nii.gz", image)
+    _assert_prepare_fails_on(root, bad, tmp_path, "2 non-finite")
+
+
+def test_prepare_undeclared_label_value(tmp_path):
+    root = make_msd(tmp_path / "ds", 3)
+    _, label = blob_pair(seed=2)
+    label[1, 1, 1] = 7
+    bad = write_nifti(root / "labelsTr" / "case_002.nii.gz", label)
+    _assert_prepare_fails_on(root, bad, tmp_path, "[7]", "not declared")
+
+
+def test_prepare_ok_then_reuse(tmp_path):
+    root = make_msd(tmp_path / "ds", 2)
+    res = run_cli("prepare", "--data", root, f"data.cache_dir={tmp_path / 'c'}", "data.size=16", cwd=tmp_path)
+    assert res.returncode == 0 and res.stderr.strip() == "", res.stderr
+    assert "slice cache:" in res.stdout and len(list((tmp_path / "c").rglob("meta.json"))) == 1
+
+
+# ------------------------------------------------------------------ check
+def test_check_lists_every_broken_file(tmp_path):
+    root = make_msd(tmp_path / "ds", 5)
+    broken = [
+        truncate_file(root / "imagesTr" / "case_000.nii.gz"),
+        write_corrupt_gz(root / "labelsTr" / "case_001.nii.gz"),
+    ]
+    image, label = blob_pair(seed=3)
+    image[0, 0, 0] = np.nan
+    broken.append(write_nifti(root / "imagesTr" / "case_003.nii.gz", image))
+    label[1, 1, 1] = 9
+    broken.append(write_nifti(root / "labelsTr" / "case_004.nii.gz", label))
+    res = run_cli("check", root, cwd=tmp_path)
+    assert res.returncode == 1
+    assert "Traceback" not in res.stdout + res.stderr
+    problem_lines = [ln for ln in res.stdout.splitlines() if ln.startswith(str(root))]
+    assert len(problem_lines) == len(broken), res.stdout
+    for path in broken:
+        assert any(ln.startswith(f"{path}:") for ln in problem_lines), (path, res.stdout)
+    assert "case_002" not in res.stdout  # the healthy case is not reported
+    assert "4 problem(s)" in res.stdout
+    ok = run_cli("check", make_msd(tmp_path / "fine", 2), cwd=tmp_path)
+    assert ok.returncode == 0 and "0 problem(s)" in ok.stdout
+
+
+# ------------------------------------------------------------------ predict / evaluate
+def test_predict_missing_checkpoint(tmp_path):
+    root = make_msd(tmp_path / "ds", 1)
+    res = run_cli("predict", tmp_path / "missing.pt", root, "-o", tmp_path / "out", cwd=tmp_path)
+    assert_one_line_error(res, "missing.pt")
+    assert not (tmp_path / "out").exists()
+
+
+def test_evaluate_folder_that_is_not_a_run(tmp_path):
+    root = make_msd(tmp_path / "ds", 1)
+    res = run_cli("evaluate", root, cwd=tmp_path)
+    assert_one_line_error(res, str(root), "not a medssl run folder")
+    assert not (root / "metrics.json").exists()
+
+
+# ------------------------------------------------------------------ finetune
+def test_finetune_budget_larger_than_available(phantom_root, tmp_path):
+    runs, cache_dir = tmp_path / "runs", tmp_path / "cache"
+    res = run_cli("finetune", "--config", "demo", "--data", phantom_root, "split.budget=999", "train.epochs=1",
+                  f"output_dir={runs}", f"data.cache_dir={cache_dir}", cwd=tmp_path)
+    assert_one_line_error(res, "budget", "999")
+    assert not (runs.exists() and list(runs.rglob("*.pt")))
+    assert not (runs / "demo").exists(), "a run that failed before training must not leave its folder"
+
+
+@pytest.fixture
+def fake_engine(monkeypatch):
+    """Replace the training engine by a stub (no torch import): it creates the run folder, then fails."""
+    behaviour = {"checkpoint": False, "error": ConfigError("config key 'split.budget': too large")}
+
+    def fake_finetune(cfg, resume=False):
+        run = Path(cfg.output_dir) / cfg.name
+        (run / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (run / "config.yaml").write_text("name: x\n")
+        if behaviour["checkpoint"]:
+            (run / "checkpoints" / "last.pt").write_bytes(b"weights")
+        raise behaviour["error"]
+
+    dist = types.SimpleNamespace(init_distributed=lambda *a, **k: types.SimpleNamespace(is_main=True))
+    monkeypatch.setitem(sys.modules, "medssl.engine.finetune", types.SimpleNamespace(finetune=fake_finetune))
+    monkeypatch.setitem(sys.modules, "medssl.engine.distributed", dist)
+    return behaviour
+
+
+def test_finetune_failure_cleanup_policy(fake_engine, tmp_path, capsys):
+    args = ["finetune", "--config", "demo", "--data", str(tmp_path), f"output_dir={tmp_path / 'runs'}"]
+    # 1. fails before any checkpoint: the folder this command created is removed
+    assert cli.main(args + ["name=a"]) == 2
+    assert capsys.readouterr().err.startswith("medssl: error: config key 'split.budget'")
+    assert not (tmp_path / "runs" / "a").exists()
+    # 2. fails after a checkpoint was written (e.g. a non-finite loss): kept for inspection / --resume
+    fake_engine.update(checkpoint=True, error=TrainingError("non-finite loss"))
+    assert cli.main(args + ["name=b"]) == 3
+    assert (tmp_path / "runs" / "b" / "checkpoints" / "last.pt").is_file()
+    # 3. a folder that existed before the command (another run) is never removed
+    old = tmp_path / "runs" / "c"
+    old.mkdir(parents=True)
+    (old / "metrics.json").write_text("{}")
+    fake_engine.update(checkpoint=False, error=ConfigError("run folder exists"))
+    assert cli.main(args + ["name=c"]) == 2
+    assert (old / "metrics.json").is_file()

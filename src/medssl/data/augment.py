@@ -1,9 +1,17 @@
-"""Training augmentation for 2D slices, built from MONAI transforms.
+"""Training augmentation for batches of 2D slices, on the training device, from PyTorch primitives.
 
-Spatial: flips, rotation, isotropic scaling, elastic deformation (image bilinear, label nearest).
-Intensity (on normalised intensities): multiplicative and additive jitter, Gaussian noise.
-Every sample is augmented with its own seed, derived from (run seed, epoch, slice row), so a
-resumed or distributed run sees exactly the same augmented batches as an uninterrupted one.
+Spatial: flips, rotation, isotropic scaling (one affine matrix per sample) and a smooth elastic
+displacement (random control-point offsets, bicubically upsampled), composed into a single sampling
+grid and applied with ``torch.nn.functional.grid_sample``: bilinear for images, nearest for labels,
+border padding. Intensity, on normalised intensities: multiplicative and additive jitter and
+Gaussian noise.
+
+Why not MONAI's per-sample dictionary transforms: they cost about 40 ms per 64x64 sample on this
+2-core CPU (MetaTensor bookkeeping and eight transforms per sample), more than the network's own
+step; one warp per batch costs a few milliseconds and runs on the GPU when training does.
+
+Randomness comes from an explicit ``torch.Generator`` seeded from (run seed, epoch, step, rank),
+so a resumed or distributed run draws exactly the same augmentation as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -11,51 +19,104 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from monai import transforms as T
+import torch
+import torch.nn.functional as F
 
 from medssl.config import AugConfig
 
-KEYS = ("image", "label")
-
-
-def build_augmentation(cfg: AugConfig) -> T.Compose | None:
-    if not cfg.enabled:
-        return None
-    ops: list = []
-    for ax in cfg.flip_axes:
-        ops.append(T.RandFlipd(KEYS, prob=cfg.flip_prob, spatial_axis=int(ax)))
-    if cfg.rotate_prob > 0 and cfg.rotate_deg > 0:
-        r = math.radians(cfg.rotate_deg)
-        ops.append(T.RandAffined(KEYS, prob=cfg.rotate_prob, rotate_range=(r,), mode=("bilinear", "nearest"),
-                                 padding_mode="border"))
-    if cfg.scale_prob > 0:
-        lo, hi = cfg.scale_range
-        # RandZoomd draws ONE factor for both axes (RandAffined's scale_range draws one per axis and,
-        # given a single range, scales axis 0 only); keep_size crops/pads back to (H, W)
-        ops.append(T.RandZoomd(KEYS, prob=cfg.scale_prob, min_zoom=lo, max_zoom=hi,
-                               mode=("bilinear", "nearest"), padding_mode="edge", keep_size=True))
-    if cfg.elastic_prob > 0:
-        ops.append(T.Rand2DElasticd(KEYS, spacing=cfg.elastic_spacing, magnitude_range=tuple(cfg.elastic_magnitude),
-                                    prob=cfg.elastic_prob, mode=("bilinear", "nearest"), padding_mode="border"))
-    if cfg.intensity_prob > 0:
-        ops.append(T.RandScaleIntensityd("image", factors=cfg.intensity_scale, prob=cfg.intensity_prob))
-        ops.append(T.RandShiftIntensityd("image", offsets=cfg.intensity_shift, prob=cfg.intensity_prob))
-    if cfg.noise_prob > 0:
-        ops.append(T.RandGaussianNoised("image", prob=cfg.noise_prob, std=cfg.noise_std))
-    return T.Compose(ops)
-
 
 def sample_seed(base: int, epoch: int, row: int) -> int:
+    """A seed that is a pure function of (run seed, epoch, step or row)."""
     return int((base * 1_000_003 + epoch * 100_003 + row * 7919 + 17) % (2**32 - 1))
 
 
-def augment(pipeline: T.Compose | None, image: np.ndarray, label: np.ndarray, seed: int
+class BatchAugment:
+    """``(image (B,1,H,W) float, label (B,H,W) int) -> augmented copies``, all ops per sample."""
+
+    def __init__(self, cfg: AugConfig):
+        self.cfg = cfg
+
+    def _uniform(self, g, n, lo, hi, device):
+        return lo + (hi - lo) * torch.rand(n, generator=g, device=device)
+
+    def _coin(self, g, n, p, device):
+        return torch.rand(n, generator=g, device=device) < p
+
+    def _affine(self, g, b: int, device) -> torch.Tensor:
+        """(B, 2, 3) matrices mapping output to input coordinates (normalised, x first)."""
+        c = self.cfg
+        angle = torch.zeros(b, device=device)
+        if c.rotate_prob > 0 and c.rotate_deg > 0:
+            r = math.radians(c.rotate_deg)
+            angle = torch.where(self._coin(g, b, c.rotate_prob, device), self._uniform(g, b, -r, r, device), angle)
+        scale = torch.ones(b, device=device)
+        if c.scale_prob > 0:
+            lo, hi = c.scale_range
+            scale = torch.where(self._coin(g, b, c.scale_prob, device), self._uniform(g, b, lo, hi, device), scale)
+        flip = torch.ones(b, 2, device=device)  # (x, y) signs
+        for ax in c.flip_axes:  # axis 0 = rows (y), axis 1 = columns (x)
+            hit = self._coin(g, b, c.flip_prob, device)
+            flip[:, 1 - int(ax)] = torch.where(hit, -1.0, 1.0) * flip[:, 1 - int(ax)]
+        cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale  # zoom in by `scale`
+        theta = torch.zeros(b, 2, 3, device=device)
+        theta[:, 0, 0], theta[:, 0, 1] = cos * flip[:, 0], -sin * flip[:, 1]
+        theta[:, 1, 0], theta[:, 1, 1] = sin * flip[:, 0], cos * flip[:, 1]
+        return theta
+
+    def _elastic(self, g, b: int, h: int, w: int, device) -> torch.Tensor | None:
+        c = self.cfg
+        if c.elastic_prob <= 0:
+            return None
+        hit = self._coin(g, b, c.elastic_prob, device).float()
+        gh, gw = max(2, round(h / c.elastic_spacing) + 1), max(2, round(w / c.elastic_spacing) + 1)
+        lo, hi = c.elastic_magnitude
+        mag = self._uniform(g, b, lo, hi, device) * hit  # pixels
+        coarse = (torch.rand(b, 2, gh, gw, generator=g, device=device) * 2 - 1) * mag[:, None, None, None]
+        field = F.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=True)  # (B, 2, H, W) px
+        scale = torch.tensor([2.0 / w, 2.0 / h], device=device)[None, :, None, None]  # px -> normalised
+        return (field * scale).permute(0, 2, 3, 1)  # (B, H, W, 2), (x, y)
+
+    @torch.no_grad()
+    def __call__(self, image: torch.Tensor, label: torch.Tensor, generator: torch.Generator
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        c, g = self.cfg, generator
+        b, _, h, w = image.shape
+        dev = image.device
+        grid = F.affine_grid(self._affine(g, b, dev), [b, 1, h, w], align_corners=False)
+        disp = self._elastic(g, b, h, w, dev)
+        if disp is not None:
+            grid = grid + disp
+        img = F.grid_sample(image.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+        lab = F.grid_sample(label[:, None].float(), grid, mode="nearest", padding_mode="border",
+                            align_corners=False)[:, 0].round().to(label.dtype)
+        if c.intensity_prob > 0:
+            s = torch.where(self._coin(g, b, c.intensity_prob, dev),
+                            self._uniform(g, b, 1 - c.intensity_scale, 1 + c.intensity_scale, dev), 1.0)
+            t = torch.where(self._coin(g, b, c.intensity_prob, dev),
+                            self._uniform(g, b, -c.intensity_shift, c.intensity_shift, dev), 0.0)
+            img = img * s[:, None, None, None] + t[:, None, None, None]
+        if c.noise_prob > 0:
+            std = torch.where(self._coin(g, b, c.noise_prob, dev), self._uniform(g, b, 0, c.noise_std, dev), 0.0)
+            img = img + torch.randn(img.shape, generator=g, device=dev) * std[:, None, None, None]
+        return img, lab
+
+
+def build_augmentation(cfg: AugConfig) -> BatchAugment | None:
+    return BatchAugment(cfg) if cfg.enabled else None
+
+
+def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return g
+
+
+def augment(pipeline: BatchAugment | None, image: np.ndarray, label: np.ndarray, seed: int
             ) -> tuple[np.ndarray, np.ndarray]:
-    """(H, W) image and label -> augmented copies (same shapes)."""
+    """One (H, W) image and label -> augmented copies (a convenience wrapper around the batch op)."""
     if pipeline is None:
         return image, label
-    pipeline.set_random_state(seed=seed)
-    out = pipeline({"image": image[None].astype(np.float32), "label": label[None].astype(np.float32)})
-    img = np.asarray(out["image"])[0].astype(np.float32)
-    lab = np.rint(np.asarray(out["label"])[0]).astype(np.int64)
-    return img, lab
+    x = torch.from_numpy(np.ascontiguousarray(image, np.float32))[None, None]
+    y = torch.from_numpy(np.ascontiguousarray(label).astype(np.int64))[None]
+    xo, yo = pipeline(x, y, make_generator(seed))
+    return xo[0, 0].numpy(), yo[0].numpy()

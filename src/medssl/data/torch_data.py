@@ -6,19 +6,14 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from medssl.data.augment import augment, sample_seed
 from medssl.data.cache import SliceCache
 
 
 class SliceDataset(Dataset):
-    """Slices ``rows`` of a cache; ``set_epoch`` changes the augmentation draw."""
+    """Slices ``rows`` of a cache, as stored (augmentation happens per batch, on the device)."""
 
-    def __init__(self, cache: SliceCache, rows: np.ndarray, pipeline=None, seed: int = 0):
-        self.cache, self.rows, self.pipeline, self.seed = cache, np.asarray(rows), pipeline, seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def __init__(self, cache: SliceCache, rows: np.ndarray):
+        self.cache, self.rows = cache, np.asarray(rows)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -27,10 +22,7 @@ class SliceDataset(Dataset):
         row = int(self.rows[i])
         img = np.array(self.cache.images[row])
         lab = np.array(self.cache.labels[row])
-        if self.pipeline is not None:
-            img, lab = augment(self.pipeline, img, lab, sample_seed(self.seed, self.epoch, row))
-        return {"image": torch.from_numpy(img[None].copy()), "label": torch.from_numpy(lab.astype(np.int64)),
-                "row": row}
+        return {"image": torch.from_numpy(img[None]), "label": torch.from_numpy(lab.astype(np.int64)), "row": row}
 
 
 class EpochSampler(Sampler[int]):

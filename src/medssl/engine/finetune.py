@@ -13,7 +13,7 @@ from monai.metrics import compute_dice
 from torch.utils.data import DataLoader
 
 from medssl.config import Config
-from medssl.data.augment import build_augmentation
+from medssl.data.augment import build_augmentation, make_generator, sample_seed
 from medssl.data.cache import SliceCache, prepare
 from medssl.data.layouts import open_dataset
 from medssl.data.splits import Split, describe_rule, load_split, make_split, patient_groups, save_split
@@ -145,7 +145,7 @@ def finetune(cfg: Config, *, resume: bool = False, progress: bool = True) -> Pat
 
     rows = cache.rows(split.labelled)
     pipeline = build_augmentation(cfg.aug)
-    dataset = SliceDataset(cache, rows, pipeline, seed=cfg.train.seed)
+    dataset = SliceDataset(cache, rows)
     steps = cfg.train.steps_per_epoch or max(1, math.ceil(len(rows) / cfg.train.batch_size))
     per_rank = max(1, cfg.train.batch_size // dist.world)
     sampler = EpochSampler(len(rows), steps * per_rank * dist.world, seed=cfg.train.seed,
@@ -154,18 +154,20 @@ def finetune(cfg: Config, *, resume: bool = False, progress: bool = True) -> Pat
 
     def make_loader(epoch: int):
         sampler.set_epoch(epoch)
-        dataset.set_epoch(epoch)
         return DataLoader(dataset, batch_size=per_rank, sampler=sampler, num_workers=cfg.train.num_workers,
                           drop_last=True)
 
     criterion = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, batch=True,
                            lambda_dice=cfg.train.dice_weight, lambda_ce=cfg.train.ce_weight)
 
-    def loss_fn(net, batch):
+    def loss_fn(net, batch, step):
         x = batch["image"].to(dist.device, non_blocking=True)
-        y = batch["label"].to(dist.device, non_blocking=True)[:, None]
+        y = batch["label"].to(dist.device, non_blocking=True)
+        if pipeline is not None:  # seeded by (seed, step, rank): identical after --resume
+            g = make_generator(sample_seed(cfg.train.seed, dist.rank, step), dist.device)
+            x, y = pipeline(x, y, g)
         logits = net(x)
-        return criterion(logits.float(), y), {}
+        return criterion(logits.float(), y[:, None]), {}
 
     meta = model_meta(cfg, cache)
     trainer = Trainer(model=model, cfg=cfg.train, run=run, dist=dist, loss_fn=loss_fn, make_loader=make_loader,

@@ -1,6 +1,6 @@
 """The one training loop shared by fine-tuning and pretraining.
 
-A method supplies ``loss_fn(model, batch) -> (loss, logs)``, a ``make_loader(epoch)`` and optionally
+A method supplies ``loss_fn(model, batch, step) -> (loss, logs)``, a ``make_loader(epoch)`` and optionally
 ``validate(model) -> dict`` with a ``score`` entry (higher is better). The loop owns everything else:
 the optimiser and cosine schedule, bf16 autocast, DDP, non-finite checks, checkpoints after every
 epoch (``last.pt``, and ``best.pt`` on the best validation score), ``--resume``, TensorBoard and a
@@ -127,7 +127,7 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             with torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=self.amp):
-                loss, logs = self.loss_fn(net, batch)
+                loss, logs = self.loss_fn(net, batch, self.state.step)
             value = all_reduce_mean(dist, loss.detach().float())
             if not torch.isfinite(value):
                 raise TrainingError(

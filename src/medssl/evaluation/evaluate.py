@@ -72,7 +72,27 @@ def evaluate_run(run_dir: str | Path, *, part: str = "test", checkpoint: str = "
     suffix = "" if part == "test" else f"_{part}"
     write_json(run.path / f"metrics{suffix}.json", summary)
     write_text(run.path / f"per_case{suffix}.csv", _csv(rows))
+    _append_summary(run.path, summary, checkpoint)
     return summary
+
+
+def _fmt(mean, sd) -> str:
+    return "n/a" if mean is None else f"{mean:.4f} ± {sd or 0:.4f}"
+
+
+def _append_summary(run_path: Path, summary: dict, checkpoint: str) -> None:
+    """Add (or replace) the evaluation section of the run's summary.md."""
+    path = run_path / "summary.md"
+    head = path.read_text().split("\n## Evaluation")[0].rstrip() + "\n" if path.exists() else ""
+    part = summary["part"]
+    lines = [f"\n## Evaluation ({part}, {summary['n_cases']} volumes, checkpoint {checkpoint})", "",
+             f"- per-volume 3D Dice: {_fmt(summary['dice_mean'], summary['dice_sd'])}",
+             f"- HD95 (mm): {_fmt(summary['hd95_mean'], summary['hd95_sd'])}",
+             f"- dataset-level micro Dice: {summary['micro_dice']['mean']:.4f}",
+             f"- slice-mean Dice (PolyCL legacy): {summary['slice_mean_dice']['mean']:.4f}"]
+    for name, d in summary["dice"].items():
+        lines.append(f"- {name}: Dice {_fmt(d['mean'], d['sd'])} (n={d['n']}, both empty {d['n_both_empty']})")
+    write_text(path, head + "\n".join(lines) + "\n")
 
 
 def _csv(rows: list[dict]) -> str:

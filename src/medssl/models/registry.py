@@ -54,6 +54,9 @@ def _unet(*, in_channels: int, n_classes: int, features: int = 32) -> Segmentati
 
 @register_backbone("monai-basicunet")
 def _monai_basicunet(
-    *, in_channels: int, n_classes: int, features: tuple[int, ...] = (32, 32, 64, 128, 256, 32)
+    *, in_channels: int, n_classes: int, features: int | tuple[int, ...] = (32, 32, 64, 128, 256, 32)
 ) -> SegmentationModel:
-    return build_monai_basicunet(in_channels=in_channels, n_classes=n_classes, features=features)
+    if isinstance(features, int):  # model.features=f gives MONAI's pattern (f, f, 2f, 4f, 8f, f)
+        f = features
+        features = (f, f, 2 * f, 4 * f, 8 * f, f)
+    return build_monai_basicunet(in_channels=in_channels, n_classes=n_classes, features=tuple(features))

@@ -237,7 +237,7 @@ def test_impossible_settings_raise(kwargs: dict, pattern: str) -> None:
 def test_impossible_budget_small_dataset_message() -> None:
     cases = acdc_cases(30)
     groups = patient_groups(cases, regex=ACDC_REGEX)
-    with pytest.raises(ConfigError, match=r"^label budget M=30 exceeds the 22 training patients available in fold 0 "
+    with pytest.raises(ConfigError, match=r"^config key .split.budget.: label budget M=30 exceeds the 22 training patients available in fold 0 "
                                           r"\(after 2 validation patients\)$"):
         make_split(cases, fold=0, groups=groups, budget=30)
     with pytest.raises(ConfigError, match="patient001_frame01"):

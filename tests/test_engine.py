@@ -149,3 +149,34 @@ def test_predict_keeps_input_geometry(tmp_path):
     assert img.shape == data.shape
     np.testing.assert_allclose(img.affine, affine, atol=1e-5)
     assert set(np.unique(np.asarray(img.dataobj))) <= {0, 1}
+
+
+def test_init_from_checkpoint_encoder_full_and_mismatch(tmp_path):
+    from medssl.engine.checkpoint import save_checkpoint
+    from medssl.engine.finetune import init_from_checkpoint
+    from medssl.errors import ConfigError
+    from medssl.models import build_model
+
+    torch.manual_seed(0)
+    src = build_model("unet", in_channels=1, n_classes=3, features=8)
+    meta = {"kind": "finetune", "model": {"backbone": "unet", "features": 8, "options": {}}}
+    path = save_checkpoint(tmp_path / "src.pt", model=src.state_dict(), meta=meta)
+
+    enc = build_model("unet", in_channels=1, n_classes=3, features=8)
+    init_from_checkpoint(enc, str(path), "encoder", "unet")
+    for k, v in enc.state_dict().items():
+        same = torch.equal(v, src.state_dict()[k])
+        if k.startswith("encoder."):
+            assert same, k
+        elif v.dim() >= 2:  # conv kernels (BN weights start at 1 in both models)
+            assert not same, f"{k} should not have been transferred"
+
+    full = build_model("unet", in_channels=1, n_classes=3, features=8)
+    init_from_checkpoint(full, str(path), "full", "unet")
+    assert all(torch.equal(v, src.state_dict()[k]) for k, v in full.state_dict().items())
+
+    wider = build_model("unet", in_channels=1, n_classes=3, features=16)
+    with pytest.raises(ConfigError):
+        init_from_checkpoint(wider, str(path), "encoder", "unet")
+    with pytest.raises(ConfigError, match="backbone"):
+        init_from_checkpoint(wider, str(path), "encoder", "monai-basicunet")

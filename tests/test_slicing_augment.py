@@ -1,4 +1,4 @@
-"""SliceFit (exact, invertible fit to the network size), MONAI augmentation and the epoch sampler."""
+"""SliceFit (exact, invertible fit to the network size), batched augmentation and the epoch sampler."""
 
 from __future__ import annotations
 

@@ -26,7 +26,7 @@ from scipy import ndimage
 from medssl.data.volume import atomic_write
 from medssl.errors import ConfigError, DataError
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 NAME = "medssl-phantom"
 LABELS = {0: "background", 1: "liver", 2: "kidney", 3: "spleen"}
 DEFAULT_SHAPE = (64, 64, 32)
@@ -128,11 +128,12 @@ def generate_case(index: int, *, shape=DEFAULT_SHAPE, seed: int = 0) -> tuple[np
     if rng.random() < 0.85:
         liver &= _z_cut(z0, rng, liver_c[2] - 0.6, liver_c[2] + 0.6)
     sp_c = (u(-0.62, -0.5), u(-0.32, -0.18), u(0.1, 0.45))
-    sp_r = (u(0.13, 0.18), u(0.24, 0.32), u(0.28, 0.42))
+    sp_r = (u(0.17, 0.22), u(0.26, 0.34), u(0.3, 0.44))
     sp_t = u(-0.7, -0.3)
     spleen = _ellipsoid(x, y, z, sp_c, sp_r, sp_t) <= 1
-    cut_c = (sp_c[0] + u(0.12, 0.18), sp_c[1] + u(0.0, 0.08), sp_c[2])
-    spleen &= _ellipsoid(x, y, z, cut_c, (sp_r[0] * 0.9, sp_r[1] * 0.8, sp_r[2] * 1.2), sp_t) > 1
+    # a shallow concave (hilar) cut: a crescent that stays thick enough to learn at 64 px
+    cut_c = (sp_c[0] + u(0.2, 0.26), sp_c[1] + u(0.0, 0.06), sp_c[2])
+    spleen &= _ellipsoid(x, y, z, cut_c, (sp_r[0] * 0.7, sp_r[1] * 0.6, sp_r[2] * 1.2), sp_t) > 1
     if rng.random() < 0.5:
         spleen &= _z_cut(z0, rng, sp_c[2] - sp_r[2], sp_c[2] + sp_r[2])
     lab[liver & cavity] = 1

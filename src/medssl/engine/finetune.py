@@ -117,9 +117,12 @@ def finetune(cfg: Config, *, resume: bool = False, progress: bool = True) -> Pat
     torch.manual_seed(cfg.train.seed)
 
     # data: rank 0 prepares (or reuses) the cache, the others wait and then load it
-    info = open_dataset(cfg.data.path, modality=cfg.data.modality) if cfg.data.path else None
-    if info is None:
+    if not cfg.data.path:
         raise ConfigError("config key 'data.path' is empty: give the dataset folder (data.path=...)")
+    # absolute paths in the saved config: evaluate/predict work from any directory later
+    cfg.data.path = str(Path(cfg.data.path).expanduser().resolve())
+    cfg.data.cache_dir = str(Path(cfg.data.cache_dir).expanduser().resolve())
+    info = open_dataset(cfg.data.path, modality=cfg.data.modality)
     if dist.is_main:
         if not resume:
             run.check_new()

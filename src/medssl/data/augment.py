@@ -6,9 +6,10 @@ grid and applied with ``torch.nn.functional.grid_sample``: bilinear for images, 
 border padding. Intensity, on normalised intensities: multiplicative and additive jitter and
 Gaussian noise.
 
-Why not MONAI's per-sample dictionary transforms: they cost about 40 ms per 64x64 sample on this
-2-core CPU (MetaTensor bookkeeping and eight transforms per sample), more than the network's own
-step; one warp per batch costs a few milliseconds and runs on the GPU when training does.
+Why not MONAI's per-sample dictionary transforms: on 2 CPU cores they cost about 8 ms per 64x64
+sample (MetaTensor bookkeeping and eight transforms per sample), 126 ms per batch of 16, about as
+long as the network's own step; one warp per batch costs 3.5 ms and runs on the GPU when training
+does (benchmarks/bench_augment.py).
 
 Randomness comes from an explicit ``torch.Generator`` seeded from (run seed, epoch, step, rank),
 so a resumed or distributed run draws exactly the same augmentation as an uninterrupted one.

@@ -99,6 +99,19 @@ def _discard_unfinished_run(run_path: Path) -> None:
         shutil.rmtree(run_path, ignore_errors=True)
 
 
+@app.command(context_settings=EXTRA)
+def pretrain(ctx: typer.Context, config: Optional[str] = ConfigOpt, data: Optional[str] = DataOpt,
+             method: Optional[str] = typer.Option(None, "--method", "-m", help="simclr, pcl, ..."),
+             name: Optional[str] = typer.Option(None, help="run name (folder under output_dir)"),
+             resume: bool = typer.Option(False, "--resume", help="continue a killed run from its last checkpoint")):
+    """Self-supervised pretraining of the backbone's encoder on the fold's training images."""
+    from medssl.engine.pretrain import pretrain as run_pretrain
+
+    cfg = _config(config, ctx, **{"data.path": data, "pretrain.method": method, "name": name})
+    run_dir = run_pretrain(cfg, resume=resume)
+    typer.echo(f"run folder: {run_dir}\nencoder for fine-tuning: --init {run_dir / 'checkpoints' / 'last.pt'}")
+
+
 def _evaluate(run_dir, part, checkpoint, save):
     from medssl.evaluation.evaluate import evaluate_run
 

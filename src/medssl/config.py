@@ -100,6 +100,15 @@ class TrainConfig:
 
 
 @dataclass
+class PretrainConfig:
+    method: str = "simclr"  # a name from medssl.methods (simclr, pcl, ...)
+    tau: float = 0.1  # contrastive temperature
+    base_tau: float = 0.07  # SupCon's base temperature (the loss is scaled by tau / base_tau)
+    proj_dim: int = 512  # projection head output (PCL-style head: pool -> Linear -> ReLU -> Linear)
+    pcl_theta: float = 0.1  # PCL: positives have |pos_i - pos_j| < theta (0.1 CT-like, 0.35 ACDC-like)
+
+
+@dataclass
 class EvalConfig:
     batch_size: int = 32
     hd95: bool = True
@@ -115,6 +124,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     aug: AugConfig = field(default_factory=AugConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict:
@@ -314,6 +324,8 @@ def validate(cfg: Config) -> None:
     b = cfg.split.budget
     if not (b == "all" or (isinstance(b, (int, float)) and not isinstance(b, bool))):
         raise ConfigError(f"config key 'split.budget' must be an integer, a fraction or 'all', got {b!r}")
+    if not cfg.pretrain.tau > 0 or not cfg.pretrain.base_tau > 0:
+        raise ConfigError("config keys 'pretrain.tau' and 'pretrain.base_tau' must be positive")
     if not 0 <= cfg.train.foreground_oversample <= 1:
         raise ConfigError("config key 'train.foreground_oversample' must lie in [0, 1]")
 

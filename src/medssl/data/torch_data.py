@@ -22,7 +22,9 @@ class SliceDataset(Dataset):
         row = int(self.rows[i])
         img = np.array(self.cache.images[row])
         lab = np.array(self.cache.labels[row])
-        return {"image": torch.from_numpy(img[None]), "label": torch.from_numpy(lab.astype(np.int64)), "row": row}
+        return {"image": torch.from_numpy(img[None]), "label": torch.from_numpy(lab.astype(np.int64)), "row": row,
+                "rel_pos": float(self.cache.rel_pos[row]), "slice": int(self.cache.slice_idx[row]),
+                "n_slices": int(self.cache.n_slices[row])}
 
 
 class EpochSampler(Sampler[int]):

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from medssl.errors import ConfigError
+from medssl.models.polycl_unet import build_polycl_unet
 from medssl.models.unet import SegmentationModel, build_monai_basicunet, build_unet
 
 __all__ = ["register_backbone", "build_model", "available_backbones"]
@@ -60,3 +61,8 @@ def _monai_basicunet(
         f = features
         features = (f, f, 2 * f, 4 * f, 8 * f, f)
     return build_monai_basicunet(in_channels=in_channels, n_classes=n_classes, features=tuple(features))
+
+
+@register_backbone("polycl-unet")
+def _polycl_unet(*, in_channels: int, n_classes: int, features: int = 16, dropout: float = 0.25) -> SegmentationModel:
+    return build_polycl_unet(in_channels=in_channels, n_classes=n_classes, features=features, dropout=dropout)

@@ -1,0 +1,109 @@
+"""``medssl pretrain --method NAME``: self-supervised pretraining of a backbone's encoder.
+
+Pretraining images are the fold's training patients other than the validation ones, with their
+labels unused: the labelled budget's patients and the "unlabelled" ones together. That set does not
+depend on M, so one pretraining per fold serves every label budget. Test and validation patients are
+never seen. The run folder matches fine-tuning's (config, splits, commit, TensorBoard, ``last.pt``,
+``--resume``), and ``last.pt`` loads into ``medssl finetune --init``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from medssl.config import Config
+from medssl.data.augment import make_generator, sample_seed
+from medssl.data.cache import prepare
+from medssl.data.layouts import open_dataset
+from medssl.data.splits import load_split, save_split
+from medssl.data.torch_data import EpochSampler, SliceDataset
+from medssl.engine.distributed import barrier, broadcast_object, init_distributed
+from medssl.engine.finetune import build_split
+from medssl.engine.runs import RunDir, write_json, write_text
+from medssl.engine.trainer import Trainer
+from medssl.errors import ConfigError, DataError
+from medssl.methods import available_methods, build_method
+from medssl.models import build_model
+
+
+def pretrain(cfg: Config, *, resume: bool = False, progress: bool = True) -> Path:
+    dist = init_distributed()
+    run = RunDir.for_config(cfg)
+    if resume:
+        cfg = run.saved_config()
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True)
+    torch.manual_seed(cfg.train.seed)
+    if cfg.pretrain.method not in available_methods():
+        raise ConfigError(f"pretrain.method: unknown method {cfg.pretrain.method!r}; "
+                          f"available: {', '.join(available_methods())}")
+    if not cfg.data.path:
+        raise ConfigError("config key 'data.path' is empty: give the dataset folder (data.path=...)")
+    cfg.data.path = str(Path(cfg.data.path).expanduser().resolve())
+    cfg.data.cache_dir = str(Path(cfg.data.cache_dir).expanduser().resolve())
+    info = open_dataset(cfg.data.path, modality=cfg.data.modality)
+    if dist.is_main:
+        if not resume:
+            run.check_new()
+        cache = prepare(cfg.data, info, progress=progress)
+    barrier(dist)
+    if not dist.is_main:
+        cache = prepare(cfg.data, info, progress=False)
+
+    split_path = run.path / "splits.json"
+    if dist.is_main:
+        split = load_split(split_path) if (resume and split_path.is_file()) else build_split(cfg, cache)
+        run.start(cfg, resume=resume, kind="pretrain")
+        save_split(split, split_path)
+    split = broadcast_object(dist, split if dist.is_main else None)
+    cases = sorted(set(split.labelled) | set(split.unlabelled))
+    rows = cache.rows(cases)
+    if len(rows) < 2 * cfg.train.batch_size:
+        raise DataError(f"pretraining needs at least {2 * cfg.train.batch_size} slices (2 batches); "
+                        f"the {len(cases)} pretraining cases have {len(rows)}")
+
+    seg = build_model(cfg.model.backbone, in_channels=1, n_classes=cache.n_classes, features=cfg.model.features,
+                      **cfg.model.options)
+    method = build_method(cfg.pretrain.method, seg.encoder, cfg.pretrain, cfg.aug)
+    dataset = SliceDataset(cache, rows)
+    steps = cfg.train.steps_per_epoch or max(1, math.ceil(len(rows) / cfg.train.batch_size))
+    per_rank = max(2, cfg.train.batch_size // dist.world)
+    sampler = EpochSampler(len(rows), steps * per_rank * dist.world, seed=cfg.train.seed, rank=dist.rank,
+                           world=dist.world)
+
+    def make_loader(epoch: int):
+        sampler.set_epoch(epoch)
+        return DataLoader(dataset, batch_size=per_rank, sampler=sampler, num_workers=cfg.train.num_workers,
+                          drop_last=True)
+
+    def loss_fn(net, batch, step):
+        batch = {k: (v.to(dist.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+        g = make_generator(sample_seed(cfg.train.seed, dist.rank, step), dist.device)
+        module = net.module if hasattr(net, "module") else net
+        return module.loss(batch, g)
+
+    meta = {"kind": "pretrain", "method": cfg.pretrain.method, "model": dataclasses.asdict(cfg.model),
+            "pretrain": dataclasses.asdict(cfg.pretrain), "data": dataclasses.asdict(cfg.data),
+            "n_cases": len(cases), "n_slices": int(len(rows))}
+    trainer = Trainer(model=method, cfg=cfg.train, run=run, dist=dist, loss_fn=loss_fn, make_loader=make_loader,
+                      steps_per_epoch=steps, validate=None, meta=meta, progress=progress)
+    state = trainer.fit(resume=resume)
+    if dist.is_main:
+        write_json(run.path / "train_state.json", dataclasses.asdict(state))
+        write_text(run.path / "summary.md", "\n".join([
+            f"# {cfg.name}: pretraining ({cfg.pretrain.method})", "",
+            f"- data: `{cfg.data.path}`, fold {split.fold} of {split.n_folds}: {len(cases)} training patients' "
+            f"images ({len(rows)} slices); validation and test patients excluded",
+            f"- backbone: {cfg.model.backbone} f={cfg.model.features}; method settings: "
+            f"{dataclasses.asdict(cfg.pretrain)}",
+            f"- {cfg.train.epochs} epochs, {state.step} steps, batch {cfg.train.batch_size}, lr {cfg.train.lr}",
+            f"- encoder for fine-tuning: `{run.last}` (medssl finetune --init {run.last})", ""]))
+    barrier(dist)
+    return run.path

@@ -106,6 +106,11 @@ class PretrainConfig:
     base_tau: float = 0.07  # SupCon's base temperature (the loss is scaled by tau / base_tau)
     proj_dim: int = 512  # projection head output (PCL-style head: pool -> Linear -> ReLU -> Linear)
     pcl_theta: float = 0.1  # PCL: positives have |pos_i - pos_j| < theta (0.1 CT-like, 0.35 ACDC-like)
+    polycl_tau: Any = "inverse_batch"  # PolyCL: a float, or "inverse_batch" (1 / batch size, as released)
+    slab_fraction: float = 0.3  # PolyCL: only the central fraction of each scan's slices is used
+    target_labels: list[int] = field(default_factory=list)  # PolyCL-O/M organ flag T: these labels (empty = any)
+    m_negative_scope: str = "same_scan"  # PolyCL-M negative: "same_scan" (paper figure) or "other_scan" (code)
+    triplets: str = "online"  # "online" (fresh each epoch) or "offline_fixed" (one fixed triplet per anchor)
 
 
 @dataclass
@@ -324,6 +329,13 @@ def validate(cfg: Config) -> None:
     b = cfg.split.budget
     if not (b == "all" or (isinstance(b, (int, float)) and not isinstance(b, bool))):
         raise ConfigError(f"config key 'split.budget' must be an integer, a fraction or 'all', got {b!r}")
+    for key, value, allowed in (("pretrain.m_negative_scope", cfg.pretrain.m_negative_scope,
+                                 ("same_scan", "other_scan")),
+                                ("pretrain.triplets", cfg.pretrain.triplets, ("online", "offline_fixed"))):
+        if value not in allowed:
+            raise ConfigError(f"config key '{key}' must be one of {allowed}, got {value!r}")
+    if not 0 < cfg.pretrain.slab_fraction <= 1:
+        raise ConfigError("config key 'pretrain.slab_fraction' must lie in (0, 1]")
     if not cfg.pretrain.tau > 0 or not cfg.pretrain.base_tau > 0:
         raise ConfigError("config keys 'pretrain.tau' and 'pretrain.base_tau' must be positive")
     if not 0 <= cfg.train.foreground_oversample <= 1:

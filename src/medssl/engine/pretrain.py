@@ -72,6 +72,13 @@ def pretrain(cfg: Config, *, resume: bool = False, progress: bool = True) -> Pat
     seg = build_model(cfg.model.backbone, in_channels=1, n_classes=cache.n_classes, features=cfg.model.features,
                       **cfg.model.options)
     method = build_method(cfg.pretrain.method, seg.encoder, cfg.pretrain, cfg.aug)
+    if hasattr(method, "select_rows"):  # methods with their own example selection (PolyCL)
+        rows = method.select_rows(cache, rows)
+        if dist.is_main:
+            print(f"{cfg.pretrain.method}: {method.counts}")
+    if len(rows) < cfg.train.batch_size:
+        raise DataError(f"{cfg.pretrain.method}: {len(rows)} usable anchor slices, fewer than one batch "
+                        f"({cfg.train.batch_size})")
     dataset = SliceDataset(cache, rows)
     steps = cfg.train.steps_per_epoch or max(1, math.ceil(len(rows) / cfg.train.batch_size))
     per_rank = max(2, cfg.train.batch_size // dist.world)
@@ -91,7 +98,7 @@ def pretrain(cfg: Config, *, resume: bool = False, progress: bool = True) -> Pat
 
     meta = {"kind": "pretrain", "method": cfg.pretrain.method, "model": dataclasses.asdict(cfg.model),
             "pretrain": dataclasses.asdict(cfg.pretrain), "data": dataclasses.asdict(cfg.data),
-            "n_cases": len(cases), "n_slices": int(len(rows))}
+            "n_cases": len(cases), "n_slices": int(len(rows)), "selection": getattr(method, "counts", {})}
     trainer = Trainer(model=method, cfg=cfg.train, run=run, dist=dist, loss_fn=loss_fn, make_loader=make_loader,
                       steps_per_epoch=steps, validate=None, meta=meta, progress=progress)
     state = trainer.fit(resume=resume)

@@ -1,0 +1,148 @@
+"""PolyCL (Ward, Moseley, Imran): task-focused example selection for contrastive pretraining (polycl.md §3-5).
+
+Each anchor slice s of a scan's central slab gets one positive s+ and one explicit negative s-:
+
+| variant | positive | negative |
+|---|---|---|
+| polycl-s | another slab slice of the same scan | a slab slice of another scan |
+| polycl-o | a slab slice (any scan) with T = T(s) | a slab slice (any scan) with T != T(s) |
+| polycl-m | a same-scan slab slice with T = T(s) | T != T(s): same scan (default) or another scan |
+
+T(x) = "a target label is present in slice x" comes from the labels of the pretraining cases (the slice
+cache's presence flags): polycl-o and polycl-m therefore use slice-level weak labels, polycl-s none.
+Anchors without a valid positive or negative are dropped and counted. Triplets are drawn afresh every
+step (``online``) or fixed per anchor (``offline_fixed``, as the released code). No augmentation;
+loss: single-negative cosine InfoNCE with tau = 1 / batch size by default.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from medssl.config import AugConfig, PretrainConfig
+from medssl.data.cache import SliceCache
+from medssl.data.augment import make_generator
+from medssl.errors import DataError
+from medssl.methods.losses import polycl_infonce
+from medssl.methods.registry import PretrainMethod, register_method
+from medssl.models.polycl_unet import PolyCLProjectionHead
+
+
+def slab_mask(slice_idx: np.ndarray, n_slices: np.ndarray, fraction: float) -> np.ndarray:
+    """k in [round(D(0.5 - f/2)), round(D(0.5 + f/2))): the clean central-slab rule of polycl.md §2."""
+    lo = np.round(n_slices * (0.5 - fraction / 2))
+    hi = np.round(n_slices * (0.5 + fraction / 2))
+    return (slice_idx >= lo) & (slice_idx < np.maximum(hi, lo + 1))
+
+
+class _PolyCL(PretrainMethod):
+    uses_target = True
+
+    def __init__(self, encoder, cfg: PretrainConfig, aug: AugConfig):
+        super().__init__(encoder, cfg, aug)
+        self.head = PolyCLProjectionHead(encoder.out_channels[-1], encoder.out_channels[-1])
+        self.cache: SliceCache | None = None
+        self.counts: dict = {}
+
+    # ------------------------------------------------------------------ example selection
+    def select_rows(self, cache: SliceCache, rows: np.ndarray) -> np.ndarray:
+        """Keep slab anchors that have a valid positive and negative; remember the candidate pools."""
+        rows = np.asarray(rows)
+        slab = rows[slab_mask(cache.slice_idx[rows], cache.n_slices[rows], self.cfg.slab_fraction)]
+        if self.uses_target:
+            unlabelled = sorted({c for c in cache.case_ids[slab][~cache.labelled[slab]]})
+            if unlabelled:
+                raise DataError(f"pretrain.method={self.name} needs slice-level organ flags from the labels of the "
+                                f"pretraining cases; these have no label: {', '.join(unlabelled[:5])}"
+                                + (" ..." if len(unlabelled) > 5 else "") + " (use polycl-s, which needs none)")
+            cols = [c for c in (self.cfg.target_labels or range(1, cache.n_classes))]
+            target = cache.present[slab][:, cols].any(1)
+        else:
+            target = np.zeros(len(slab), bool)
+        self.cache, self.slab, self.target = cache, slab, target
+        self.scan = cache.case_ids[slab]
+        scans = sorted(set(self.scan))
+        if len(scans) < 2 and self.name != "polycl-m":
+            raise DataError(f"pretrain.method={self.name} needs at least 2 pretraining scans, got {len(scans)}")
+        self.pools = {(s, t): np.flatnonzero((self.scan == s) & (self.target == t)) for s in scans for t in (0, 1)}
+        self.by_scan = {s: np.flatnonzero(self.scan == s) for s in scans}
+        self.by_t = {t: np.flatnonzero(self.target == t) for t in (0, 1)}
+        self.pos_of_row = {int(r): i for i, r in enumerate(slab)}
+        valid = np.array([self._valid(i) for i in range(len(slab))], bool)
+        self.counts = {"anchors": int(valid.sum()), "dropped": int((~valid).sum()),
+                       "anchors_T1": int((valid & target).sum()), "anchors_T0": int((valid & ~target).sum()),
+                       "scans": len(scans)}
+        if not valid.any():
+            raise DataError(f"pretrain.method={self.name}: no anchor slice has a valid positive and negative "
+                            f"({len(slab)} slab slices of {len(scans)} scans)")
+        return slab[valid]
+
+    def _candidates(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def _valid(self, i: int) -> bool:
+        pos, neg = self._candidates(i)
+        return len(pos[pos != i]) > 0 and len(neg) > 0
+
+    def _draw(self, rows: list[int], g: torch.Generator) -> tuple[list[int], list[int]]:
+        pos_rows, neg_rows = [], []
+        for r in rows:
+            i = self.pos_of_row[int(r)]
+            gi = make_generator(int(r) * 7919 + 13) if self.cfg.triplets == "offline_fixed" else g
+            pos, neg = self._candidates(i)
+            pos = pos[pos != i]
+            u = torch.rand(2, generator=gi, device=gi.device).tolist()
+            pos_rows.append(int(self.slab[pos[int(u[0] * len(pos))]]))
+            neg_rows.append(int(self.slab[neg[int(u[1] * len(neg))]]))
+        return pos_rows, neg_rows
+
+    # ------------------------------------------------------------------ loss
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x)[-1])
+
+    def _images(self, rows: list[int], device) -> torch.Tensor:
+        order = np.argsort(rows)  # memmap reads in ascending order
+        imgs = np.empty((len(rows),) + self.cache.images.shape[1:], np.float32)
+        imgs[order] = self.cache.images[np.asarray(rows)[order]]
+        return torch.from_numpy(imgs)[:, None].to(device)
+
+    def loss(self, batch: dict, generator: torch.Generator):
+        x = batch["image"]
+        rows = batch["row"].tolist()
+        pos_rows, neg_rows = self._draw(rows, generator)
+        xs = torch.cat([x, self._images(pos_rows, x.device), self._images(neg_rows, x.device)])
+        z = self.embed(xs).float()  # one pass: InstanceNorm has no batch coupling (polycl.md §5)
+        a, p, n = z.chunk(3)
+        loss = polycl_infonce(a, p, n, self.cfg.polycl_tau)
+        with torch.no_grad():
+            logs = {"cos_pos": float(torch.cosine_similarity(a, p).mean()),
+                    "cos_neg": float(torch.cosine_similarity(a, n).mean())}
+        return loss, logs
+
+
+@register_method("polycl-s")
+class PolyCLS(_PolyCL):
+    uses_target = False
+
+    def _candidates(self, i):
+        s = self.scan[i]
+        return self.by_scan[s], np.flatnonzero(self.scan != s)
+
+
+@register_method("polycl-o")
+class PolyCLO(_PolyCL):
+    def _candidates(self, i):
+        t = int(self.target[i])
+        return self.by_t[t], self.by_t[1 - t]
+
+
+@register_method("polycl-m")
+class PolyCLM(_PolyCL):
+    def _candidates(self, i):
+        s, t = self.scan[i], int(self.target[i])
+        if self.cfg.m_negative_scope == "same_scan":
+            neg = self.pools[(s, 1 - t)]
+        else:
+            neg = np.flatnonzero((self.scan != s) & (self.target != t))
+        return self.pools[(s, t)], neg

@@ -22,7 +22,7 @@ def _cfg(tmp_path, root, *extra):
                                           f"data.cache_dir={tmp_path / 'cache'}", *extra])
 
 
-@pytest.mark.parametrize("method", ["simclr", "pcl"])
+@pytest.mark.parametrize("method", ["simclr", "pcl", "gcl"])
 def test_pretrain_then_finetune_with_init(phantom_root, tmp_path, method):
     run = pretrain(_cfg(tmp_path, phantom_root, f"pretrain.method={method}", f"name=pre-{method}",
                         "train.epochs=2", "train.steps_per_epoch=3"), progress=False)
@@ -72,3 +72,31 @@ def test_unknown_method_and_resume(phantom_root, tmp_path):
     (run / "config.yaml").write_text(text)
     pretrain(cfg, resume=True, progress=False)
     assert load_checkpoint(run / "checkpoints" / "last.pt")["meta"]["state"]["epoch"] == 2
+
+
+def test_gcl_formulations_differ_and_partitions(phantom_root, tmp_path):
+    from medssl.config import AugConfig, PretrainConfig
+    from medssl.data.augment import make_generator
+    from medssl.methods import build_method
+    from medssl.models import build_model
+    import numpy as np
+
+    torch.manual_seed(0)
+    enc = build_model("unet", in_channels=1, n_classes=2, features=8).encoder
+    x = torch.randn(8, 1, 32, 32)
+    batch = {"image": x, "row": torch.arange(8), "slice": torch.tensor([0, 3, 6, 9, 0, 3, 6, 9]),
+             "n_slices": torch.full((8,), 10)}
+
+    class _Cache:  # the two index fields GCL reads
+        case_ids = np.array(["a"] * 4 + ["b"] * 4)
+
+    m = build_method("gcl", enc, PretrainConfig(proj_dim=16), AugConfig())
+    m.select_rows(_Cache, np.arange(8))
+    losses = {}
+    for form in ("chaitanya", "supcon_partition"):  # same module, same views: only the loss differs
+        m.cfg.gcl_formulation = form
+        loss, _ = m.loss(batch, make_generator(3))
+        assert torch.isfinite(loss)
+        loss.backward()
+        losses[form] = loss.item()
+    assert losses["chaitanya"] != pytest.approx(losses["supcon_partition"])

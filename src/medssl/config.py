@@ -111,6 +111,9 @@ class PretrainConfig:
     target_labels: list[int] = field(default_factory=list)  # PolyCL-O/M organ flag T: these labels (empty = any)
     m_negative_scope: str = "same_scan"  # PolyCL-M negative: "same_scan" (paper figure) or "other_scan" (code)
     triplets: str = "online"  # "online" (fresh each epoch) or "offline_fixed" (one fixed triplet per anchor)
+    gcl_parts: int = 4  # GCL: partitions per volume along the slice axis
+    gcl_strategy: str = "GD"  # GCL global positives: "GD" (proposed), "GD-" or "GR" (SimCLR-like)
+    gcl_formulation: str = "chaitanya"  # "chaitanya" (own numerator per pair) or "supcon_partition" (PCL code)
 
 
 @dataclass
@@ -331,7 +334,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'split.budget' must be an integer, a fraction or 'all', got {b!r}")
     for key, value, allowed in (("pretrain.m_negative_scope", cfg.pretrain.m_negative_scope,
                                  ("same_scan", "other_scan")),
-                                ("pretrain.triplets", cfg.pretrain.triplets, ("online", "offline_fixed"))):
+                                ("pretrain.triplets", cfg.pretrain.triplets, ("online", "offline_fixed")),
+                                ("pretrain.gcl_strategy", cfg.pretrain.gcl_strategy, ("GD", "GD-", "GR")),
+                                ("pretrain.gcl_formulation", cfg.pretrain.gcl_formulation,
+                                 ("chaitanya", "supcon_partition"))):
         if value not in allowed:
             raise ConfigError(f"config key '{key}' must be one of {allowed}, got {value!r}")
     if not 0 < cfg.pretrain.slab_fraction <= 1:

@@ -1,0 +1,43 @@
+"""GCL global stage (Chaitanya et al., NeurIPS 2020), baselines.md §2.1.
+
+Every volume is split into ``gcl_parts`` contiguous partitions along the slice axis; images of the
+same partition index in different volumes are treated as similar. Two augmented views per slice,
+the PCL-style head, and either Chaitanya's loss (``gcl_formulation: chaitanya``: each positive pair
+has its own numerator; for G^D / G^D- same-partition images leave the denominators) or the PCL
+code's SupCon with partition positives (``supcon_partition``).
+
+Deviation (documented): batches are drawn uniformly from the pretraining slices, not as "one slice
+per partition from each of m volumes"; the loss is defined for any batch composition. The local
+(decoder-level) second stage is not implemented yet.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from medssl.methods.losses import gcl_global_loss, gcl_partition, partition_positive_mask, supcon
+from medssl.methods.registry import register_method
+from medssl.methods.simclr import SimCLR
+
+
+@register_method("gcl")
+class GCL(SimCLR):
+    def select_rows(self, cache, rows: np.ndarray) -> np.ndarray:
+        ids = {c: i for i, c in enumerate(sorted(set(cache.case_ids[rows])))}
+        self.vol_of_row = {int(r): ids[cache.case_ids[r]] for r in rows}
+        self.counts = {"volumes": len(ids), "slices": int(len(rows)), "strategy": self.cfg.gcl_strategy,
+                       "formulation": self.cfg.gcl_formulation}
+        return np.asarray(rows)
+
+    def loss(self, batch: dict, generator: torch.Generator):
+        x = batch["image"]
+        b = x.shape[0]
+        parts = gcl_partition(batch["slice"], batch["n_slices"], self.cfg.gcl_parts).to(x.device)
+        vols = torch.tensor([self.vol_of_row[int(r)] for r in batch["row"]], device=x.device)
+        z = self.embed(self.views(x, generator)).float()
+        if self.cfg.gcl_formulation == "supcon_partition":
+            loss = supcon(z, partition_positive_mask(parts), self.cfg.tau, self.cfg.base_tau)
+        else:
+            loss = gcl_global_loss(z[:b], z[b:], parts, vols, tau=self.cfg.tau, strategy=self.cfg.gcl_strategy)
+        return loss, {}

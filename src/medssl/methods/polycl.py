@@ -74,8 +74,10 @@ class _PolyCL(PretrainMethod):
                        "anchors_T1": int((valid & target).sum()), "anchors_T0": int((valid & ~target).sum()),
                        "scans": len(scans)}
         if not valid.any():
+            t1 = int(target.sum())
             raise DataError(f"pretrain.method={self.name}: no anchor slice has a valid positive and negative "
-                            f"({len(slab)} slab slices of {len(scans)} scans)")
+                            f"({len(slab)} slab slices of {len(scans)} scans, {t1} with the target, "
+                            f"{len(slab) - t1} without); widen pretrain.slab_fraction or change pretrain.target_labels")
         return slab[valid]
 
     def _candidates(self, i: int) -> tuple[np.ndarray, np.ndarray]:

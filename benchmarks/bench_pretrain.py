@@ -1,0 +1,124 @@
+"""Pretraining throughput (slices/s) per method, on the Hippocampus slice cache, same run.
+
+    python benchmarks/bench_pretrain.py --steps 20 --batch 16 --size 64 --features 16 [--write]
+
+PolyCL variants use ``slab_fraction=1.0`` here: Hippocampus crops contain the target in every slice of the
+default central 30% slab, which leaves PolyCL-O/M without negatives. Each method trains its own model from the same initial encoder for ``--steps`` optimiser steps
+(after 2 warm-up steps) with bf16 autocast where supported; slices/s counts the *input* slices per
+step (SimCLR/PCL/GCL: 2 views per slice; PolyCL: anchor + positive + negative per anchor), so the
+figure is what a user feeds, and the per-step encoder passes are listed too. Baseline for comparison:
+one supervised fine-tuning step of the same UNet on the same batch (Dice+CE).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.losses import DiceCELoss
+
+from medssl.config import AugConfig, DataConfig, PretrainConfig
+from medssl.data.augment import make_generator
+from medssl.data.cache import prepare
+from medssl.engine.trainer import amp_enabled
+from medssl.methods import build_method
+from medssl.models import build_model
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "Task04_Hippocampus"
+PASSES = {"simclr": 2, "pcl": 2, "gcl": 2, "polycl-s": 3, "polycl-o": 3, "polycl-m": 3}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--features", type=int, default=16)
+    ap.add_argument("--cache-dir", default="~/.cache/medssl/slices")
+    ap.add_argument("--write", action="store_true")
+    args = ap.parse_args()
+    if not DATA.is_dir():
+        raise SystemExit(f"{DATA} not found: this benchmark needs ../shared/data/Task04_Hippocampus")
+    cache = prepare(DataConfig(path=str(DATA), size=args.size, cache_dir=args.cache_dir), progress=False)
+    rows_all = np.arange(cache.meta["n_slices"])
+    amp = amp_enabled("auto", torch.device("cpu"))
+    rng = np.random.default_rng(0)
+    results = []
+
+    def run(name, step_fn):
+        times = []
+        for i in range(args.steps + 2):
+            t0 = time.perf_counter()
+            step_fn(i)
+            if i >= 2:
+                times.append(time.perf_counter() - t0)
+        results.append((name, statistics.median(times)))
+        print(name, f"{args.batch / results[-1][1]:.1f} slices/s", flush=True)
+
+    # supervised reference
+    seg = build_model("unet", in_channels=1, n_classes=cache.n_classes, features=args.features)
+    opt = torch.optim.AdamW(seg.parameters(), 1e-3)
+    crit = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, batch=True)
+
+    def sup_step(i):
+        r = np.sort(rng.choice(rows_all, args.batch, replace=False))
+        x = torch.from_numpy(np.array(cache.images[r]))[:, None]
+        y = torch.from_numpy(np.array(cache.labels[r], dtype=np.int64))[:, None]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            loss = crit(seg(x).float(), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    run("fine-tuning step (reference)", sup_step)
+    for name in PASSES:
+        backbone = "polycl-unet" if name.startswith("polycl") else "unet"
+        enc = build_model(backbone, in_channels=1, n_classes=2, features=args.features).encoder
+        # Hippocampus crops hold the target in every central-slab slice: PolyCL-O/M need the whole volume
+        slab = 1.0 if name.startswith("polycl") else 0.3
+        method = build_method(name, enc, PretrainConfig(method=name, slab_fraction=slab), AugConfig())
+        rows = method.select_rows(cache, rows_all) if hasattr(method, "select_rows") else rows_all
+        mopt = torch.optim.AdamW(method.parameters(), 1e-3)
+
+        def step(i, method=method, rows=rows, mopt=mopt):
+            r = np.sort(rng.choice(rows, args.batch, replace=False))
+            batch = {"image": torch.from_numpy(np.array(cache.images[r]))[:, None], "row": torch.from_numpy(r),
+                     "rel_pos": torch.from_numpy(cache.rel_pos[r]), "slice": torch.from_numpy(cache.slice_idx[r]),
+                     "n_slices": torch.from_numpy(cache.n_slices[r])}
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                loss, _ = method.loss(batch, make_generator(i))
+            mopt.zero_grad()
+            loss.backward()
+            mopt.step()
+
+        run(f"{name} ({backbone})", step)
+
+    lines = [f"Command: `python benchmarks/bench_pretrain.py --steps {args.steps} --batch {args.batch} "
+             f"--size {args.size} --features {args.features} --write`",
+             f"Date: {time.strftime('%Y-%m-%d %H:%M')}; torch {torch.__version__}; {torch.get_num_threads()} threads; "
+             f"bf16 autocast {'on' if amp else 'off'}; Hippocampus cache at {args.size}²; median of {args.steps} steps.",
+             "", "| method | slices/s (input anchors) | encoder passes per slice | ms per step |", "|---|---:|---:|---:|"]
+    for name, t in results:
+        key = name.split(" ")[0]
+        lines.append(f"| {name} | {args.batch / t:.1f} | {PASSES.get(key, 1)} | {t * 1e3:.0f} |")
+    text = "\n".join(lines)
+    print(text)
+    if args.write:
+        path = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
+        body = path.read_text()
+        start, end = "<!-- bench:pretrain -->", "<!-- /bench:pretrain -->"
+        block = f"{start}\n{text}\n{end}"
+        if start in body:
+            body = re.sub(re.escape(start) + r".*?" + re.escape(end), lambda _: block, body, flags=re.S)
+        else:
+            body = body.rstrip() + "\n\n## Pretraining throughput\n\n" + block + "\n"
+        path.write_text(body)
+
+
+if __name__ == "__main__":
+    main()

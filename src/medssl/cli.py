@@ -150,6 +150,16 @@ def predict(model: str = typer.Argument(..., help="a run folder (its best checkp
 
 
 @app.command(context_settings=EXTRA)
+def experiment(ctx: typer.Context, config: str = typer.Argument(..., help="experiment YAML (see medssl.report)")):
+    """Methods x label budgets x seeds x folds: pretrain once per fold, fine-tune, evaluate, tabulate."""
+    from medssl.report.experiment import load_experiment, run_experiment
+
+    exp = load_experiment(config, overrides=list(ctx.args))
+    run_experiment(exp)
+    typer.echo((Path(exp.output_dir).expanduser() / "results.md").read_text())
+
+
+@app.command(context_settings=EXTRA)
 def demo(ctx: typer.Context, data: Optional[str] = DataOpt,
          workdir: str = typer.Option("medssl-demo", help="where the phantom, runs and predictions go"),
          config: Optional[str] = ConfigOpt):

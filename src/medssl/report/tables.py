@@ -1,0 +1,83 @@
+"""Experiment tables and figures: mean ± sd per method and M, a paired Wilcoxon test against random
+init (pairs = same fold and seed, hence the same labelled patients), and a Dice-vs-M plot."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+import numpy as np
+from scipy.stats import wilcoxon
+
+
+def _mean_sd(values: list[float]) -> str:
+    if not values:
+        return "–"
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.3f} ± {sd:.3f}"
+
+
+def paired_test(rows: list[dict], method: str, m, key: str = "dice_mean") -> tuple[float | None, float | None, int]:
+    """(mean difference vs random, two-sided Wilcoxon p, number of pairs) over (fold, seed) pairs."""
+    base = {(r["fold"], r["seed"]): r[key] for r in rows if r["method"] == "random" and r["M"] == m}
+    pairs = [(r[key], base[(r["fold"], r["seed"])]) for r in rows
+             if r["method"] == method and r["M"] == m and (r["fold"], r["seed"]) in base]
+    if not pairs:
+        return None, None, 0
+    diff = np.array([a - b for a, b in pairs], dtype=float)
+    try:
+        p = float(wilcoxon(diff).pvalue) if np.any(diff != 0) else 1.0
+    except ValueError:
+        p = None
+    return float(diff.mean()), p, len(pairs)
+
+
+def results_table(rows: list[dict], key: str = "dice_mean") -> str:
+    """Markdown: one row per method, one column per M (mean ± sd over folds x seeds), then the tests."""
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    budgets = sorted({r["M"] for r in rows})
+    lines = [f"Per-volume 3D Dice ({key}), mean ± sd over folds × seeds", "",
+             "| method | " + " | ".join(f"M={m}" for m in budgets) + " |",
+             "|---|" + "---|" * len(budgets)]
+    for method in methods:
+        cells = [_mean_sd([r[key] for r in rows if r["method"] == method and r["M"] == m]) for m in budgets]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    if "random" in methods and len(methods) > 1:
+        lines += ["", "Paired Wilcoxon signed-rank test against random init (pairs: same fold and seed); "
+                  "Δ = mean difference. With 3 pairs the smallest possible two-sided p is 0.25.", "",
+                  "| method | " + " | ".join(f"M={m}" for m in budgets) + " |", "|---|" + "---|" * len(budgets)]
+        for method in methods:
+            if method == "random":
+                continue
+            cells = []
+            for m in budgets:
+                d, p, n = paired_test(rows, method, m, key)
+                cells.append("–" if d is None else f"Δ {d:+.3f}, p={'n/a' if p is None else f'{p:.2f}'} (n={n})")
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def save_plot(rows: list[dict], path: str | Path, key: str = "dice_mean") -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in dict.fromkeys(r["method"] for r in rows):
+        budgets = sorted({r["M"] for r in rows if r["method"] == method})
+        vals = [[r[key] for r in rows if r["method"] == method and r["M"] == m] for m in budgets]
+        means = [np.mean(v) for v in vals]
+        sds = [np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in vals]
+        ax.errorbar(budgets, means, yerr=sds, marker="o", capsize=3, label=method)
+    ax.set_xscale("log")
+    ax.set_xlabel("labelled patients M")
+    ax.set_ylabel("per-volume 3D Dice")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = Path(path).with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+    return Path(path)

@@ -1,0 +1,60 @@
+"""`medssl experiment`: a tiny grid runs, caches pretraining per fold, resumes, and tabulates."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import yaml
+
+from medssl.errors import ConfigError
+from medssl.report.experiment import load_experiment, run_experiment
+from medssl.report.tables import paired_test, results_table
+
+TINY = ["data.size=32", "model.features=8", "train.batch_size=8", "train.amp=off", "train.threads=1",
+        "split.n_folds=4", "split.val=1", "train.epochs=1", "train.steps_per_epoch=2", "pretrain.proj_dim=16"]
+
+
+def test_tiny_grid_runs_and_resumes(phantom_root, tmp_path):
+    spec = {"base": "demo", "data": str(phantom_root), "output_dir": str(tmp_path / "exp"),
+            "methods": ["random", "simclr"], "budgets": [1, 2], "seeds": [0, 1], "folds": [0],
+            "pretrain": [*TINY, f"data.cache_dir={tmp_path / 'c'}"],
+            "finetune": [*TINY, f"data.cache_dir={tmp_path / 'c'}"], "legacy_metrics": True}
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    rows = run_experiment(load_experiment(path), progress_print=lambda _: None)
+    assert len(rows) == 2 * 2 * 2
+    out = tmp_path / "exp"
+    assert len(list((out / "pretrain").iterdir())) == 1  # one pretraining per (method, fold)
+    with open(out / "results.csv") as fh:
+        assert len(list(csv.DictReader(fh))) == 8
+    table = (out / "results.md").read_text()
+    assert "| simclr |" in table and "Wilcoxon" in table and (out / "dice_vs_m.png").stat().st_size > 1000
+    init = yaml.safe_load((out / "cells" / "simclr-f0-m1-s0" / "config.yaml").read_text())["train"]["init"]
+    assert init.endswith("pretrain/simclr-f0/checkpoints/last.pt")
+    # a finished experiment resumes instantly with the same numbers
+    mtime = (out / "cells" / "random-f0-m2-s1" / "metrics.json").stat().st_mtime_ns
+    again = run_experiment(load_experiment(path), progress_print=lambda _: None)
+    assert again == rows
+    assert (out / "cells" / "random-f0-m2-s1" / "metrics.json").stat().st_mtime_ns == mtime
+
+
+def test_paired_test_and_table():
+    rows = [{"method": m, "fold": 0, "seed": s, "M": 1, "dice_mean": v}
+            for m, vals in (("random", [0.5, 0.6, 0.7]), ("pcl", [0.6, 0.7, 0.9])) for s, v in enumerate(vals)]
+    d, p, n = paired_test(rows, "pcl", 1)
+    assert n == 3 and d == pytest.approx(0.1333333, abs=1e-6) and p == pytest.approx(0.25)
+    table = results_table(rows)
+    assert "0.600 ± 0.100" in table and "Δ +0.133" in table
+
+
+def test_bad_experiment_files(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"methods": ["random", "nope"]}))
+    with pytest.raises(ConfigError, match="unknown method"):
+        load_experiment(bad)
+    bad.write_text(yaml.safe_dump({"methodz": ["random"]}))
+    with pytest.raises(ConfigError, match="methodz"):
+        load_experiment(bad)
+    with pytest.raises(ConfigError, match="not found"):
+        load_experiment(tmp_path / "missing.yaml")

@@ -8,7 +8,6 @@ is left behind.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Optional

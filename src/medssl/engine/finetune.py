@@ -101,25 +101,21 @@ class Validator:
         return out
 
 
-def finetune(cfg: Config, *, resume: bool = False, progress: bool = True) -> Path:
-    """Train a segmentation model; returns the run folder."""
-    dist = init_distributed()
-    run = RunDir.for_config(cfg)
-    if resume:
-        saved = run.saved_config()
-        if saved.train.init != cfg.train.init and cfg.train.init is not None:
-            raise ConfigError(f"--resume: the run was started with train.init={saved.train.init!r}")
-        cfg = saved
+def setup_run(cfg: Config, run: RunDir, dist: DistInfo, *, resume: bool, kind: str, progress: bool
+              ) -> tuple[SliceCache, Split]:
+    """Seeds and threads, the slice cache (rank 0 builds it, the others wait) and the split.
+
+    The run folder is created only once the data and the split are known to be valid, so a bad input
+    leaves nothing behind. Paths are made absolute in the saved config, so that evaluate and predict
+    work from any directory later.
+    """
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
     torch.manual_seed(cfg.train.seed)
-
-    # data: rank 0 prepares (or reuses) the cache, the others wait and then load it
     if not cfg.data.path:
         raise ConfigError("config key 'data.path' is empty: give the dataset folder (data.path=...)")
-    # absolute paths in the saved config: evaluate/predict work from any directory later
     cfg.data.path = str(Path(cfg.data.path).expanduser().resolve())
     cfg.data.cache_dir = str(Path(cfg.data.cache_dir).expanduser().resolve())
     info = open_dataset(cfg.data.path, modality=cfg.data.modality)
@@ -130,14 +126,24 @@ def finetune(cfg: Config, *, resume: bool = False, progress: bool = True) -> Pat
     barrier(dist)
     if not dist.is_main:
         cache = prepare(cfg.data, info, progress=False)
-
-    # the run folder is created only once the data and the split are known to be valid
     split_path = run.path / "splits.json"
     if dist.is_main:
         split = load_split(split_path) if (resume and split_path.is_file()) else build_split(cfg, cache)
-        run.start(cfg, resume=resume, kind="finetune")
+        run.start(cfg, resume=resume, kind=kind)
         save_split(split, split_path)
-    split = broadcast_object(dist, split if dist.is_main else None)
+    return cache, broadcast_object(dist, split if dist.is_main else None)
+
+
+def finetune(cfg: Config, *, resume: bool = False, progress: bool = True) -> Path:
+    """Train a segmentation model; returns the run folder."""
+    dist = init_distributed()
+    run = RunDir.for_config(cfg)
+    if resume:
+        saved = run.saved_config()
+        if saved.train.init != cfg.train.init and cfg.train.init is not None:
+            raise ConfigError(f"--resume: the run was started with train.init={saved.train.init!r}")
+        cfg = saved
+    cache, split = setup_run(cfg, run, dist, resume=resume, kind="finetune", progress=progress)
     if not split.val:
         raise ConfigError("config key 'split.val' gives no validation patients: model selection needs at least 1")
 

@@ -18,12 +18,9 @@ from torch.utils.data import DataLoader
 
 from medssl.config import Config
 from medssl.data.augment import make_generator, sample_seed
-from medssl.data.cache import prepare
-from medssl.data.layouts import open_dataset
-from medssl.data.splits import load_split, save_split
 from medssl.data.torch_data import EpochSampler, SliceDataset
-from medssl.engine.distributed import barrier, broadcast_object, init_distributed
-from medssl.engine.finetune import build_split
+from medssl.engine.distributed import barrier, init_distributed
+from medssl.engine.finetune import setup_run
 from medssl.engine.runs import RunDir, write_json, write_text
 from medssl.engine.trainer import Trainer
 from medssl.errors import ConfigError, DataError
@@ -36,33 +33,10 @@ def pretrain(cfg: Config, *, resume: bool = False, progress: bool = True) -> Pat
     run = RunDir.for_config(cfg)
     if resume:
         cfg = run.saved_config()
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    if cfg.train.deterministic:
-        torch.use_deterministic_algorithms(True)
-    torch.manual_seed(cfg.train.seed)
     if cfg.pretrain.method not in available_methods():
         raise ConfigError(f"pretrain.method: unknown method {cfg.pretrain.method!r}; "
                           f"available: {', '.join(available_methods())}")
-    if not cfg.data.path:
-        raise ConfigError("config key 'data.path' is empty: give the dataset folder (data.path=...)")
-    cfg.data.path = str(Path(cfg.data.path).expanduser().resolve())
-    cfg.data.cache_dir = str(Path(cfg.data.cache_dir).expanduser().resolve())
-    info = open_dataset(cfg.data.path, modality=cfg.data.modality)
-    if dist.is_main:
-        if not resume:
-            run.check_new()
-        cache = prepare(cfg.data, info, progress=progress)
-    barrier(dist)
-    if not dist.is_main:
-        cache = prepare(cfg.data, info, progress=False)
-
-    split_path = run.path / "splits.json"
-    if dist.is_main:
-        split = load_split(split_path) if (resume and split_path.is_file()) else build_split(cfg, cache)
-        run.start(cfg, resume=resume, kind="pretrain")
-        save_split(split, split_path)
-    split = broadcast_object(dist, split if dist.is_main else None)
+    cache, split = setup_run(cfg, run, dist, resume=resume, kind="pretrain", progress=progress)
     cases = sorted(set(split.labelled) | set(split.unlabelled))
     rows = cache.rows(cases)
     if len(rows) < 2 * cfg.train.batch_size:

@@ -26,7 +26,7 @@ from scipy import ndimage
 from medssl.data.volume import atomic_write
 from medssl.errors import ConfigError, DataError
 
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 NAME = "medssl-phantom"
 LABELS = {0: "background", 1: "liver", 2: "kidney", 3: "spleen"}
 DEFAULT_SHAPE = (64, 64, 32)
@@ -35,7 +35,7 @@ PREFIX = "phantom"
 # mean HU (before per-case jitter) of each tissue
 HU = {
     "air": -1000.0, "fat": -100.0, "muscle": 50.0, "soft_tissue": 35.0, "liver": 62.0,
-    "spleen": 52.0, "kidney_medulla": 125.0, "kidney_cortex": 185.0, "bone_cortex": 420.0,
+    "spleen": 56.0, "kidney_medulla": 125.0, "kidney_cortex": 185.0, "bone_cortex": 420.0,
     "bone_marrow": 230.0, "csf": 12.0, "aorta": 150.0, "vena_cava": 105.0, "gas": -920.0,
 }
 BLUR_SIGMA = 0.7
@@ -109,7 +109,8 @@ def generate_case(index: int, *, shape=DEFAULT_SHAPE, seed: int = 0) -> tuple[np
     cavity = qb <= (1.0 - t_fat - t_mus) ** p
     y_post = cy - by * (1.0 - t_fat)  # posterior inner edge of the fat layer (per slice)
 
-    jit = {k: v + u(-8, 8) for k, v in HU.items() if k not in ("air", "gas")}
+    shift = u(-6, 6)  # scanner/contrast-timing offset shared by soft tissues, plus a small own jitter
+    jit = {k: v + shift + u(-4, 4) for k, v in HU.items() if k not in ("air", "gas")}
     jit["air"], jit["gas"] = HU["air"], HU["gas"]
     img = np.full(shape, jit["air"], dtype=np.float32)
     img[body] = jit["fat"] + 6 * _smooth(rng, shape, 2.0)[body]
@@ -138,11 +139,15 @@ def generate_case(index: int, *, shape=DEFAULT_SHAPE, seed: int = 0) -> tuple[np
         spleen &= _z_cut(z0, rng, sp_c[2] - sp_r[2], sp_c[2] + sp_r[2])
     lab[liver & cavity] = 1
     lab[spleen & cavity] = 3
+    # patchy fat around liver and spleen (the fat planes a reader uses to find organ borders)
+    halo = ndimage.binary_dilation(lab > 0, iterations=2) & cavity & (lab == 0)
+    halo &= _smooth(rng, shape, 2.0) > u(-0.6, 0.0)
+    img[halo] = jit["fat"] + 8 * tex[halo]
     kidney = np.zeros(shape, dtype=bool)
     cortex = np.zeros(shape, dtype=bool)
     for side in (1.0, -1.0):
         kc = (side * u(0.3, 0.4), u(-0.36, -0.24), u(-0.35, 0.05) + (0.08 if side < 0 else 0.0))
-        kr = (u(0.11, 0.15), u(0.14, 0.19), u(0.28, 0.4))
+        kr = (u(0.13, 0.17), u(0.16, 0.21), u(0.3, 0.42))
         kt = side * u(-0.6, -0.2)
         qk = _ellipsoid(x, y, z, kc, kr, kt)
         hilum = _ellipsoid(x, y, z, (kc[0] - side * kr[0] * 1.05, kc[1] + 0.03, kc[2]),
@@ -192,7 +197,7 @@ def generate_case(index: int, *, shape=DEFAULT_SHAPE, seed: int = 0) -> tuple[np
     fine = _smooth(rng, shape, 1.2)
     liv, spl, kid = lab == 1, lab == 3, lab == 2
     img[liv] = jit["liver"] + 6 * fine[liv] + 5 * tex[liv]
-    img[spl] = jit["spleen"] + 5 * fine[spl] - 4 * tex[spl]
+    img[spl] = jit["spleen"] + 5 * fine[spl] + 3 * tex[spl]
     img[kid] = jit["kidney_medulla"] + 8 * fine[kid]
     kc_ = kid & cortex
     img[kc_] = jit["kidney_cortex"] + 8 * fine[kc_]

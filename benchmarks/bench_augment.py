@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import argparse
 import math
-import re
 import statistics
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 from monai import transforms as T
 
+from bench_md import write_section
 from medssl.config import AugConfig
 from medssl.data.augment import build_augmentation, make_generator
 
@@ -93,16 +92,7 @@ def main() -> None:
         "", *table, "", f"Speed-up: {t_monai / t_ours:.0f}×."])
     print(text)
     if args.write:
-        path = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
-        body = path.read_text() if path.exists() else "# Benchmarks\n"
-        start, end = "<!-- bench:augment -->", "<!-- /bench:augment -->"
-        block = f"{start}\n{text}\n{end}"
-        if start in body:
-            body = re.sub(re.escape(start) + r".*?" + re.escape(end), lambda _: block, body, flags=re.S)
-        else:
-            body = body.rstrip() + "\n\n## Training augmentation\n\n" + block + "\n"
-        path.write_text(body)
-
+        write_section("augment", "Training augmentation", text)
 
 if __name__ == "__main__":
     main()

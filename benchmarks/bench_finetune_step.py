@@ -29,8 +29,9 @@ import sys
 import time
 from pathlib import Path
 
+from bench_md import write_section
+
 REPO = Path(__file__).resolve().parents[1]
-MARK_BEGIN, MARK_END = "<!-- bench:finetune_step -->", "<!-- /bench:finetune_step -->"
 MODELS = ("medssl-unet", "monai-basicunet", "monai-unet")
 DTYPES = ("fp32", "bf16")
 
@@ -262,8 +263,7 @@ def section(args: argparse.Namespace, table: str) -> str:
         monai_v = monai.__version__
     except ImportError:
         monai_v = "?"
-    return f"""{MARK_BEGIN}
-One fine-tuning step = `zero_grad` → forward → `monai.losses.DiceCELoss(to_onehot_y=True, softmax=True)` (on fp32
+    return f"""One fine-tuning step = `zero_grad` → forward → `monai.losses.DiceCELoss(to_onehot_y=True, softmax=True)` (on fp32
 logits) → backward → `Adam.step`, models in train mode, random 1×{args.size}×{args.size} inputs, {args.classes}
 classes, batch {args.batch}. bf16 = forward under `torch.autocast("cpu", dtype=torch.bfloat16)` (the weights, the
 optimizer and the loss stay fp32). MONAI widths are chosen to match the medssl UNet's parameter count.
@@ -288,18 +288,7 @@ CPU: {cpu_info()}; torch threads: {args.threads}; 1-min load average before / af
 {args.load[0]:.2f} / {args.load[1]:.2f} (a load near the core count before the run means other processes competed).
 
 {table}
-{MARK_END}"""
-
-
-def write_benchmarks_md(path: Path, body: str) -> None:
-    """Replace the marked section of BENCHMARKS.md (create the file / append the section when absent)."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if MARK_BEGIN in text and MARK_END in text:
-        start, end = text.index(MARK_BEGIN), text.index(MARK_END) + len(MARK_END)
-        text = text[:start] + body + text[end:]
-    else:
-        text = text.rstrip("\n") + "\n\n## Fine-tuning step\n\n" + body + "\n"
-    path.write_text(text)
+"""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -348,7 +337,7 @@ def main(argv: list[str] | None = None) -> None:
     table = markdown_table(rows, peaks)
     print("\n" + table)
     if args.write:
-        write_benchmarks_md(args.out, section(args, table))
+        write_section("finetune_step", "Fine-tuning step", section(args, table), path=args.out)
         print(f"\nwrote the fine-tuning step section of {args.out}")
 
 

@@ -13,7 +13,6 @@ one supervised fine-tuning step of the same UNet on the same batch (Dice+CE).
 from __future__ import annotations
 
 import argparse
-import re
 import statistics
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 from monai.losses import DiceCELoss
 
+from bench_md import write_section
 from medssl.config import AugConfig, DataConfig, PretrainConfig
 from medssl.data.augment import make_generator
 from medssl.data.cache import prepare
@@ -109,16 +109,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if args.write:
-        path = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
-        body = path.read_text()
-        start, end = "<!-- bench:pretrain -->", "<!-- /bench:pretrain -->"
-        block = f"{start}\n{text}\n{end}"
-        if start in body:
-            body = re.sub(re.escape(start) + r".*?" + re.escape(end), lambda _: block, body, flags=re.S)
-        else:
-            body = body.rstrip() + "\n\n## Pretraining throughput\n\n" + block + "\n"
-        path.write_text(body)
-
+        write_section("pretrain", "Pretraining throughput", text)
 
 if __name__ == "__main__":
     main()

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from medssl import cli
-from medssl.errors import ConfigError, TrainingError
+from medssl.errors import ConfigError
 from synth import blob_pair, make_msd, truncate_file, write_corrupt_gz, write_nifti
 
 
@@ -154,39 +152,27 @@ def test_finetune_budget_larger_than_available(phantom_root, tmp_path):
     assert not (runs / "demo").exists(), "a run that failed before training must not leave its folder"
 
 
-@pytest.fixture
-def fake_engine(monkeypatch):
-    """Replace the training engine by a stub (no torch import): it creates the run folder, then fails."""
-    behaviour = {"checkpoint": False, "error": ConfigError("config key 'split.budget': too large")}
+def test_finetune_bad_init_checkpoint_leaves_no_run_folder(phantom_root, tmp_path):
+    """A checkpoint of another width fails loudly (no partial load) before the run folder is created."""
+    from medssl.engine.checkpoint import save_checkpoint
+    from medssl.models import build_model
 
-    def fake_finetune(cfg, resume=False):
-        run = Path(cfg.output_dir) / cfg.name
-        (run / "checkpoints").mkdir(parents=True, exist_ok=True)
-        (run / "config.yaml").write_text("name: x\n")
-        if behaviour["checkpoint"]:
-            (run / "checkpoints" / "last.pt").write_bytes(b"weights")
-        raise behaviour["error"]
-
-    dist = types.SimpleNamespace(init_distributed=lambda *a, **k: types.SimpleNamespace(is_main=True))
-    monkeypatch.setitem(sys.modules, "medssl.engine.finetune", types.SimpleNamespace(finetune=fake_finetune))
-    monkeypatch.setitem(sys.modules, "medssl.engine.distributed", dist)
-    return behaviour
+    other = build_model("unet", in_channels=1, n_classes=4, features=8)
+    ckpt = save_checkpoint(tmp_path / "f8.pt", model=other.state_dict(),
+                           meta={"kind": "pretrain", "model": {"backbone": "unet", "features": 8, "options": {}}})
+    runs = tmp_path / "runs"
+    res = run_cli("finetune", "--config", "demo", "--data", phantom_root, "--init", ckpt, "model.features=16",
+                  "train.epochs=1", f"output_dir={runs}", f"data.cache_dir={tmp_path / 'cache'}", cwd=tmp_path)
+    assert_one_line_error(res, "encoder")
+    assert not (runs / "demo").exists()
 
 
-def test_finetune_failure_cleanup_policy(fake_engine, tmp_path, capsys):
-    args = ["finetune", "--config", "demo", "--data", str(tmp_path), f"output_dir={tmp_path / 'runs'}"]
-    # 1. fails before any checkpoint: the folder this command created is removed
-    assert cli.main(args + ["name=a"]) == 2
-    assert capsys.readouterr().err.startswith("medssl: error: config key 'split.budget'")
-    assert not (tmp_path / "runs" / "a").exists()
-    # 2. fails after a checkpoint was written (e.g. a non-finite loss): kept for inspection / --resume
-    fake_engine.update(checkpoint=True, error=TrainingError("non-finite loss"))
-    assert cli.main(args + ["name=b"]) == 3
-    assert (tmp_path / "runs" / "b" / "checkpoints" / "last.pt").is_file()
-    # 3. a folder that existed before the command (another run) is never removed
-    old = tmp_path / "runs" / "c"
-    old.mkdir(parents=True)
-    (old / "metrics.json").write_text("{}")
-    fake_engine.update(checkpoint=False, error=ConfigError("run folder exists"))
-    assert cli.main(args + ["name=c"]) == 2
-    assert (old / "metrics.json").is_file()
+def test_no_validation_patients_leaves_no_run_folder(phantom_root, tmp_path):
+    from medssl.config import load_config
+    from medssl.engine.finetune import finetune
+
+    cfg = load_config("demo", overrides=[f"data.path={phantom_root}", f"output_dir={tmp_path}", "name=noval",
+                                         f"data.cache_dir={tmp_path / 'cache'}", "split.val=0", "split.budget=1"])
+    with pytest.raises(ConfigError, match="split.val"):
+        finetune(cfg, progress=False)
+    assert not (tmp_path / "noval").exists()

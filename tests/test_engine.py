@@ -93,14 +93,6 @@ def test_ddp_two_cpu_processes(tiny_data, tmp_path):
     assert (run / "metrics.json").is_file()  # evaluation ran once, on rank 0
 
 
-def test_sampler_splits_the_global_batch_across_ranks():
-    from medssl.data.torch_data import EpochSampler
-
-    one = EpochSampler(50, 40, seed=1)
-    r0, r1 = EpochSampler(50, 40, seed=1, rank=0, world=2), EpochSampler(50, 40, seed=1, rank=1, world=2)
-    assert sorted(list(r0) + list(r1)) == sorted(one)
-
-
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tiny_data, tmp_path, monkeypatch):
     import medssl.engine.finetune as ft
     from medssl.engine.finetune import finetune

@@ -76,26 +76,10 @@ def finetune(ctx: typer.Context, config: Optional[str] = ConfigOpt, data: Option
     from medssl.engine.finetune import finetune as run_finetune
 
     cfg = _config(config, ctx, **{"data.path": data, "train.init": init, "train.init_mode": init_mode, "name": name})
-    run_path = Path(cfg.output_dir).expanduser() / cfg.name
-    fresh = not resume and not (run_path.is_dir() and any(run_path.iterdir()))
-    try:
-        run_dir = run_finetune(cfg, resume=resume)
-    except MedsslError:
-        if fresh and init_distributed().is_main:
-            _discard_unfinished_run(run_path)
-        raise
+    run_dir = run_finetune(cfg, resume=resume)
     if evaluate and init_distributed().is_main:
         _print_metrics(_evaluate(run_dir, "test", "best", False))
     typer.echo(f"run folder: {run_dir}")
-
-
-def _discard_unfinished_run(run_path: Path) -> None:
-    """Remove a run folder this command created when it failed before writing any checkpoint."""
-    import shutil
-
-    ckpts = run_path / "checkpoints"
-    if run_path.is_dir() and not (ckpts.is_dir() and any(ckpts.iterdir())):
-        shutil.rmtree(run_path, ignore_errors=True)
 
 
 @app.command(context_settings=EXTRA)

@@ -192,7 +192,8 @@ def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
     return isinstance(value, tp), value
 
 
-def _build(cls: type, data: dict, prefix: str) -> Any:
+def build_dataclass(cls: type, data: dict, prefix: str) -> Any:
+    """Build dataclass ``cls`` from ``data`` strictly: unknown keys and wrong types raise ConfigError."""
     if not isinstance(data, dict):
         raise ConfigError(f"config key '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
@@ -206,7 +207,7 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
             continue
         tp, value, dotted = hints[f.name], data[f.name], prefix + f.name
         if dataclasses.is_dataclass(tp):
-            kwargs[f.name] = _build(tp, value or {}, dotted + ".")
+            kwargs[f.name] = build_dataclass(tp, value or {}, dotted + ".")
             continue
         ok, coerced = _type_ok(value, tp)
         if not ok:
@@ -293,13 +294,13 @@ def load_config(source: str | Path | None = None, overrides: list[str] | None = 
     if extra:
         data = _deep_merge(data, extra)
     data = _deep_merge(data, parse_overrides(overrides))
-    cfg = _build(Config, data, "")
+    cfg = build_dataclass(Config, data, "")
     validate(cfg)
     return cfg
 
 
 def config_from_dict(data: dict) -> Config:
-    cfg = _build(Config, data, "")
+    cfg = build_dataclass(Config, data, "")
     validate(cfg)
     return cfg
 

@@ -101,13 +101,13 @@ class Validator:
         return out
 
 
-def setup_run(cfg: Config, run: RunDir, dist: DistInfo, *, resume: bool, kind: str, progress: bool
+def setup_run(cfg: Config, run: RunDir, dist: DistInfo, *, resume: bool, progress: bool
               ) -> tuple[SliceCache, Split]:
     """Seeds and threads, the slice cache (rank 0 builds it, the others wait) and the split.
 
-    The run folder is created only once the data and the split are known to be valid, so a bad input
-    leaves nothing behind. Paths are made absolute in the saved config, so that evaluate and predict
-    work from any directory later.
+    Nothing is written into the run folder here: callers check everything else that can fail (model,
+    ``--init``, example selection) and then call :func:`begin_run`, so a bad input leaves no folder
+    behind. Paths are made absolute in the saved config, so evaluate and predict work from anywhere.
     """
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -129,9 +129,15 @@ def setup_run(cfg: Config, run: RunDir, dist: DistInfo, *, resume: bool, kind: s
     split_path = run.path / "splits.json"
     if dist.is_main:
         split = load_split(split_path) if (resume and split_path.is_file()) else build_split(cfg, cache)
-        run.start(cfg, resume=resume, kind=kind)
-        save_split(split, split_path)
     return cache, broadcast_object(dist, split if dist.is_main else None)
+
+
+def begin_run(cfg: Config, run: RunDir, dist: DistInfo, split: Split, *, resume: bool, kind: str) -> None:
+    """Create the run folder (rank 0) with the resolved config, environment and case lists."""
+    if dist.is_main:
+        run.start(cfg, resume=resume, kind=kind)
+        save_split(split, run.path / "splits.json")
+    barrier(dist)
 
 
 def finetune(cfg: Config, *, resume: bool = False, progress: bool = True) -> Path:
@@ -143,7 +149,7 @@ def finetune(cfg: Config, *, resume: bool = False, progress: bool = True) -> Pat
         if saved.train.init != cfg.train.init and cfg.train.init is not None:
             raise ConfigError(f"--resume: the run was started with train.init={saved.train.init!r}")
         cfg = saved
-    cache, split = setup_run(cfg, run, dist, resume=resume, kind="finetune", progress=progress)
+    cache, split = setup_run(cfg, run, dist, resume=resume, progress=progress)
     if not split.val:
         raise ConfigError("config key 'split.val' gives no validation patients: model selection needs at least 1")
 
@@ -151,6 +157,7 @@ def finetune(cfg: Config, *, resume: bool = False, progress: bool = True) -> Pat
                         features=cfg.model.features, **cfg.model.options)
     if cfg.train.init and not resume:
         init_from_checkpoint(model, cfg.train.init, cfg.train.init_mode, cfg.model.backbone)
+    begin_run(cfg, run, dist, split, resume=resume, kind="finetune")
 
     rows = cache.rows(split.labelled)
     pipeline = build_augmentation(cfg.aug)

@@ -20,7 +20,7 @@ from medssl.config import Config
 from medssl.data.augment import make_generator, sample_seed
 from medssl.data.torch_data import EpochSampler, SliceDataset
 from medssl.engine.distributed import barrier, init_distributed
-from medssl.engine.finetune import setup_run
+from medssl.engine.finetune import begin_run, setup_run
 from medssl.engine.runs import RunDir, write_json, write_text
 from medssl.engine.trainer import Trainer
 from medssl.errors import ConfigError, DataError
@@ -36,7 +36,7 @@ def pretrain(cfg: Config, *, resume: bool = False, progress: bool = True) -> Pat
     if cfg.pretrain.method not in available_methods():
         raise ConfigError(f"pretrain.method: unknown method {cfg.pretrain.method!r}; "
                           f"available: {', '.join(available_methods())}")
-    cache, split = setup_run(cfg, run, dist, resume=resume, kind="pretrain", progress=progress)
+    cache, split = setup_run(cfg, run, dist, resume=resume, progress=progress)
     cases = sorted(set(split.labelled) | set(split.unlabelled))
     rows = cache.rows(cases)
     if len(rows) < 2 * cfg.train.batch_size:
@@ -53,6 +53,7 @@ def pretrain(cfg: Config, *, resume: bool = False, progress: bool = True) -> Pat
     if len(rows) < cfg.train.batch_size:
         raise DataError(f"{cfg.pretrain.method}: {len(rows)} usable anchor slices, fewer than one batch "
                         f"({cfg.train.batch_size})")
+    begin_run(cfg, run, dist, split, resume=resume, kind="pretrain")
     dataset = SliceDataset(cache, rows)
     steps = cfg.train.steps_per_epoch or max(1, math.ceil(len(rows) / cfg.train.batch_size))
     per_rank = max(2, cfg.train.batch_size // dist.world)

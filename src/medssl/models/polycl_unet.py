@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from medssl.errors import ConfigError
-from medssl.models.unet import SegmentationModel, check_spatial_size
+from medssl.models.unet import SegmentationModel, UNetDecoder, check_spatial_size
 
 __all__ = [
     "POLYCL_LEAKY_SLOPE",
@@ -100,7 +100,7 @@ class _UpStage(nn.Module):
         return self.conv(torch.cat([self.up(x), skip], dim=1))
 
 
-class PolyCLDecoder(nn.Module):
+class PolyCLDecoder(UNetDecoder):
     """Four bilinear up-stages (16f+8f -> 8f), (8f+4f -> 4f), (4f+2f -> 2f), (2f+f -> f) (polycl.md §6).
 
     The upsampling has no parameters, so the channel count is not halved before the concat (the standard
@@ -108,21 +108,7 @@ class PolyCLDecoder(nn.Module):
     """
 
     def __init__(self, encoder_channels: Sequence[int], dropout: float = 0.25) -> None:
-        super().__init__()
-        *skip_channels, c = list(encoder_channels)
-        if len(skip_channels) != LEVELS - 1:
-            raise ConfigError(f"model: decoder expects 5 encoder channel counts, got {list(encoder_channels)}")
-        self.stages = nn.ModuleList()
-        for skip_c in reversed(skip_channels):
-            self.stages.append(_UpStage(c, skip_c, dropout))
-            c = skip_c
-        self.out_channels = c
-
-    def forward(self, features: list[Tensor]) -> Tensor:
-        *skips, x = features
-        for stage, skip in zip(self.stages, reversed(skips)):
-            x = stage(x, skip)
-        return x
+        super().__init__(encoder_channels, make_stage=lambda c, skip_c: _UpStage(c, skip_c, dropout))
 
 
 class PolyCLProjectionHead(nn.Module):

@@ -117,16 +117,21 @@ class _UpStage(nn.Module):
 
 
 class UNetDecoder(nn.Module):
-    """Four up-stages (16f -> 8f -> 4f -> 2f -> f); returns the last map (f channels, full resolution)."""
+    """Four up-stages (16f -> 8f -> 4f -> 2f -> f); returns the last map (f channels, full resolution).
 
-    def __init__(self, encoder_channels: Sequence[int]) -> None:
+    ``make_stage(in_channels, skip_channels)`` builds one stage (``forward(x, skip)``); the default is
+    the PCL stage (transposed conv, concat, two contract units). Other UNets pass their own.
+    """
+
+    def __init__(self, encoder_channels: Sequence[int], make_stage=None) -> None:
         super().__init__()
+        make_stage = make_stage or (lambda c, skip_c: _UpStage(c, skip_c, skip_c))
         *skip_channels, c = list(encoder_channels)
         if len(skip_channels) != 4:
             raise ConfigError(f"model: decoder expects 5 encoder channel counts, got {list(encoder_channels)}")
         self.stages = nn.ModuleList()
         for skip_c in reversed(skip_channels):
-            self.stages.append(_UpStage(c, skip_c, skip_c))
+            self.stages.append(make_stage(c, skip_c))
             c = skip_c
         self.out_channels = c
 

@@ -27,8 +27,7 @@ from pathlib import Path
 
 import yaml
 
-from medssl.config import _build as build_dataclass  # the strict, typed loader shared with Config
-from medssl.config import load_config
+from medssl.config import build_dataclass, load_config
 from medssl.engine.finetune import finetune
 from medssl.engine.pretrain import pretrain
 from medssl.errors import ConfigError

@@ -100,6 +100,27 @@ class TrainConfig:
 
 
 @dataclass
+class ViewAugConfig:
+    """Contrastive views for SimCLR / PCL / GCL-global (baselines.md §1 project default; see data/views.py)."""
+
+    crop_scale: list[float] = field(default_factory=lambda: [0.5, 1.0])  # random resized crop: area fraction
+    crop_ratio: list[float] = field(default_factory=lambda: [0.75, 1.3333])  # and aspect ratio (log-uniform)
+    flip_prob: float = 0.5
+    flip_axes: list[int] = field(default_factory=lambda: [0, 1])  # disable for lateralised tasks
+    rotate_prob: float = 0.5
+    rotate_deg: float = 15.0
+    intensity_prob: float = 0.8  # brightness (additive) and contrast (multiplicative), on [0, 1]
+    brightness: float = 0.2
+    contrast: list[float] = field(default_factory=lambda: [0.8, 1.2])
+    gamma_prob: float = 0.3
+    gamma: list[float] = field(default_factory=lambda: [0.7, 1.5])
+    noise_prob: float = 0.3
+    noise_std: float = 0.05  # sigma ~ U(0, noise_std), on [0, 1]
+    blur_prob: float = 0.5
+    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 1.0])  # pixels
+
+
+@dataclass
 class PretrainConfig:
     method: str = "simclr"  # a name from medssl.methods (simclr, pcl, ...)
     tau: float = 0.1  # contrastive temperature
@@ -114,6 +135,13 @@ class PretrainConfig:
     gcl_parts: int = 4  # GCL: partitions per volume along the slice axis
     gcl_strategy: str = "GD"  # GCL global positives: "GD" (proposed), "GD-" or "GR" (SimCLR-like)
     gcl_formulation: str = "chaitanya"  # "chaitanya" (own numerator per pair) or "supcon_partition" (PCL code)
+    gcl_local_fraction: float = 0.5  # gcl-full: share of the steps spent in the local stage (encoder frozen)
+    gcl_local_blocks: int = 2  # gcl-full: decoder stages trained by the local loss (2 = a 1/4-resolution map)
+    gcl_local_regions: int = 13  # gcl-full: K x K regions at fixed positions
+    gcl_local_region_size: int = 3  # gcl-full: K
+    gcl_local_neg: int = 5  # gcl-full: nearest neighbouring regions used as negatives
+    view_aug: str = "project"  # SimCLR/PCL/GCL views: "project" (pretrain.views) or "finetune" (the aug block)
+    views: ViewAugConfig = field(default_factory=ViewAugConfig)
 
 
 @dataclass
@@ -338,9 +366,17 @@ def validate(cfg: Config) -> None:
                                 ("pretrain.triplets", cfg.pretrain.triplets, ("online", "offline_fixed")),
                                 ("pretrain.gcl_strategy", cfg.pretrain.gcl_strategy, ("GD", "GD-", "GR")),
                                 ("pretrain.gcl_formulation", cfg.pretrain.gcl_formulation,
-                                 ("chaitanya", "supcon_partition"))):
+                                 ("chaitanya", "supcon_partition")),
+                                ("pretrain.view_aug", cfg.pretrain.view_aug, ("project", "finetune"))):
         if value not in allowed:
             raise ConfigError(f"config key '{key}' must be one of {allowed}, got {value!r}")
+    if not 0 < cfg.pretrain.gcl_local_fraction < 1 or cfg.pretrain.gcl_local_blocks not in (1, 2, 3, 4):
+        raise ConfigError("config keys 'pretrain.gcl_local_fraction' must lie in (0, 1) and "
+                          "'pretrain.gcl_local_blocks' in 1..4")
+    v = cfg.pretrain.views
+    if not (0 < v.crop_scale[0] <= v.crop_scale[1] <= 1 and 0 < v.crop_ratio[0] <= v.crop_ratio[1]):
+        raise ConfigError(f"config keys 'pretrain.views.crop_scale' / 'crop_ratio' must be increasing pairs "
+                          f"with scale in (0, 1], got {v.crop_scale} / {v.crop_ratio}")
     if not 0 < cfg.pretrain.slab_fraction <= 1:
         raise ConfigError("config key 'pretrain.slab_fraction' must lie in (0, 1]")
     if not cfg.pretrain.tau > 0 or not cfg.pretrain.base_tau > 0:

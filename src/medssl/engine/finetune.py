@@ -63,6 +63,14 @@ def init_from_checkpoint(model, path: str, mode: str, backbone: str) -> None:
         raise ConfigError(f"--init {path}: checkpoint backbone '{have}' does not match model.backbone '{backbone}'")
     if mode == "encoder":
         load_encoder(model, ckpt["model"], strict=True)
+        for i in meta.get("transfer_decoder_stages") or []:  # pretrained decoder stages (gcl-full)
+            prefix = f"decoder.stages.{i}."
+            stage = {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
+            try:
+                model.decoder.stages[i].load_state_dict(stage, strict=True)
+            except (RuntimeError, IndexError, AttributeError) as exc:
+                raise ConfigError(f"--init {path}: pretrained decoder stage {i} does not fit the model "
+                                  f"({str(exc).splitlines()[0][:160]})") from None
     else:
         try:
             model.load_state_dict(ckpt["model"], strict=True)

@@ -45,7 +45,7 @@ def pretrain(cfg: Config, *, resume: bool = False, progress: bool = True) -> Pat
 
     seg = build_model(cfg.model.backbone, in_channels=1, n_classes=cache.n_classes, features=cfg.model.features,
                       **cfg.model.options)
-    method = build_method(cfg.pretrain.method, seg.encoder, cfg.pretrain, cfg.aug)
+    method = build_method(cfg.pretrain.method, seg.encoder, cfg.pretrain, cfg.aug, decoder=seg.decoder)
     if hasattr(method, "select_rows"):  # methods with their own example selection (PolyCL)
         rows = method.select_rows(cache, rows)
         if dist.is_main:
@@ -69,11 +69,14 @@ def pretrain(cfg: Config, *, resume: bool = False, progress: bool = True) -> Pat
         batch = {k: (v.to(dist.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
         g = make_generator(sample_seed(cfg.train.seed, dist.rank, step), dist.device)
         module = net.module if hasattr(net, "module") else net
+        if hasattr(module, "set_step"):  # methods with stages (gcl-full)
+            module.set_step(step, cfg.train.epochs * steps)
         return module.loss(batch, g)
 
     meta = {"kind": "pretrain", "method": cfg.pretrain.method, "model": dataclasses.asdict(cfg.model),
             "pretrain": dataclasses.asdict(cfg.pretrain), "data": dataclasses.asdict(cfg.data),
-            "n_cases": len(cases), "n_slices": int(len(rows)), "selection": getattr(method, "counts", {})}
+            "n_cases": len(cases), "n_slices": int(len(rows)), "selection": getattr(method, "counts", {}),
+            "transfer_decoder_stages": list(method.transfer_decoder_stages)}
     trainer = Trainer(model=method, cfg=cfg.train, run=run, dist=dist, loss_fn=loss_fn, make_loader=make_loader,
                       steps_per_epoch=steps, validate=None, meta=meta, progress=progress)
     state = trainer.fit(resume=resume)

@@ -99,7 +99,8 @@ class Trainer:
         net = self.model
         if dist.enabled:
             ids = [dist.device.index] if dist.device.type == "cuda" else None
-            net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+            net = nn.parallel.DistributedDataParallel(  # staged methods leave parameters unused per step
+                self.model, device_ids=ids, find_unused_parameters=getattr(self.model, "ddp_find_unused", False))
         if dist.is_main:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(str(self.run.path / "tensorboard"))

@@ -33,10 +33,15 @@ def available_methods() -> list[str]:
     return sorted(_METHODS)
 
 
-def build_method(name: str, encoder: nn.Module, cfg: PretrainConfig, aug: AugConfig) -> "PretrainMethod":
+def build_method(name: str, encoder: nn.Module, cfg: PretrainConfig, aug: AugConfig,
+                 decoder: nn.Module | None = None) -> "PretrainMethod":
+    """Build method ``name``; methods with ``uses_decoder = True`` also get the segmentation decoder."""
     if name not in _METHODS:
         raise ConfigError(f"pretrain.method: unknown method {name!r}; available: {', '.join(available_methods())}")
-    return _METHODS[name](encoder, cfg, aug)
+    cls = _METHODS[name]
+    if getattr(cls, "uses_decoder", False):
+        return cls(encoder, cfg, aug, decoder=decoder)
+    return cls(encoder, cfg, aug)
 
 
 class ProjectionHead(nn.Module):
@@ -57,6 +62,8 @@ class ProjectionHead(nn.Module):
 class PretrainMethod(nn.Module):
     name = "base"
     needs_labels = False  # methods that select examples by organ presence set this
+    uses_decoder = False  # methods that pretrain decoder stages too (get ``decoder=`` and list them in
+    transfer_decoder_stages: list[int] = []  # ``transfer_decoder_stages`` for ``finetune --init``)
 
     def __init__(self, encoder: nn.Module, cfg: PretrainConfig, aug: AugConfig):
         super().__init__()

@@ -1,8 +1,11 @@
 """SimCLR (Chen et al., ICML 2020) as in the PCL/KAF code: two augmented views of the same slice,
 the PCL-style projection head, SupCon with the other-view mask (= (tau/base_tau) NT-Xent), baselines.md §1.
 
-Views are augmented on *normalised* intensities (the cached slices), never on raw HU: the released
-PolyCL baseline clipped windowed HU to [0, 1] before normalisation and got near-binary views.
+Views (``pretrain.view_aug``): by default the project's grayscale views (``pretrain.views``, see
+``medssl.data.views``: random resized crop, flips, rotation, brightness/contrast, gamma, noise, blur);
+``finetune`` uses the fine-tuning augmentation block instead. Views are made from *normalised*
+intensities (the cached slices), never from raw HU: the released PolyCL baseline clipped windowed HU to
+[0, 1] before normalisation and got near-binary views.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import torch
 
 from medssl.config import AugConfig, PretrainConfig
 from medssl.data.augment import BatchAugment
+from medssl.data.views import ContrastiveViews
 from medssl.methods.losses import other_view_mask, supcon
 from medssl.methods.registry import PretrainMethod, ProjectionHead, register_method
 
@@ -20,12 +24,14 @@ class SimCLR(PretrainMethod):
     def __init__(self, encoder, cfg: PretrainConfig, aug: AugConfig):
         super().__init__(encoder, cfg, aug)
         self.head = ProjectionHead(encoder.out_channels[-1], cfg.proj_dim)
-        self.augment = BatchAugment(aug)
+        self.augment = ContrastiveViews(cfg.views) if cfg.view_aug == "project" else BatchAugment(aug)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.encoder(x)[-1])
 
     def views(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        if isinstance(self.augment, ContrastiveViews):
+            return torch.cat([self.augment(x, g), self.augment(x, g)])
         dummy = torch.zeros(x.shape[0], *x.shape[2:], dtype=torch.long, device=x.device)
         v1, _ = self.augment(x, dummy, g)
         v2, _ = self.augment(x, dummy, g)

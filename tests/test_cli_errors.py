@@ -176,3 +176,42 @@ def test_no_validation_patients_leaves_no_run_folder(phantom_root, tmp_path):
     with pytest.raises(ConfigError, match="split.val"):
         finetune(cfg, progress=False)
     assert not (tmp_path / "noval").exists()
+
+
+# ------------------------------------------------------------------ pretraining bad input
+def test_pretrain_organ_flags_on_unlabelled_cases(phantom_copy, tmp_path):
+    """PolyCL-O needs organ flags: an unlabelled pretraining case is named; nothing is written; -S runs."""
+    import shutil
+
+    (phantom_copy / "imagesTs").mkdir(exist_ok=True)
+    shutil.copy(phantom_copy / "imagesTr" / "phantom_001.nii.gz", phantom_copy / "imagesTs" / "extra_001.nii.gz")
+    runs = tmp_path / "runs"
+    common = ["--config", "demo", "--data", phantom_copy, "data.size=32", "model.features=8", "train.epochs=1",
+              "train.steps_per_epoch=1", "train.batch_size=4", "split.val=1", "pretrain.slab_fraction=1.0",
+              f"output_dir={runs}", f"data.cache_dir={tmp_path / 'cache'}"]
+    res = run_cli("pretrain", "--method", "polycl-o", "--name", "o", *common, cwd=tmp_path)
+    assert_one_line_error(res, "polycl-o", "organ flags", "extra_001")
+    assert not (runs / "o").exists()
+    ok = run_cli("pretrain", "--method", "polycl-s", "--name", "s", *common, cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    assert (runs / "s" / "checkpoints" / "last.pt").is_file()
+
+
+def test_pretrain_too_few_slices_for_a_batch(phantom_root, tmp_path):
+    runs = tmp_path / "runs"
+    res = run_cli("pretrain", "--config", "demo", "--data", phantom_root, "--method", "simclr", "--name", "big",
+                  "train.batch_size=4096", "train.epochs=1", f"output_dir={runs}",
+                  f"data.cache_dir={tmp_path / 'cache'}", cwd=tmp_path)
+    assert_one_line_error(res, "pretraining needs at least 8192 slices")
+    assert not (runs / "big").exists()
+
+
+def test_polycl_with_a_single_scan(phantom_root, tmp_path):
+    """PolyCL-S needs negatives from another scan: one pretraining scan is a clear error."""
+    runs = tmp_path / "runs"
+    res = run_cli("pretrain", "--config", "demo", "--data", phantom_root, "--method", "polycl-s", "--name", "one",
+                  "split.n_folds=2", "split.val=3", "split.budget=1", "train.batch_size=2", "pretrain.slab_fraction=1.0",
+                  "data.size=32", "train.epochs=1", f"output_dir={runs}", f"data.cache_dir={tmp_path / 'cache'}",
+                  cwd=tmp_path)
+    assert_one_line_error(res, "polycl-s", "2 pretraining scans")
+    assert not (runs / "one").exists()

@@ -30,7 +30,12 @@ from medssl.methods import build_method
 from medssl.models import build_model
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "Task04_Hippocampus"
-PASSES = {"simclr": 2, "pcl": 2, "gcl": 2, "polycl-s": 3, "polycl-o": 3, "polycl-m": 3}
+PASSES = {"simclr": 2, "pcl": 2, "gcl": 2, "gcl-full": 2, "polycl-s": 3, "polycl-o": 3, "polycl-m": 3}
+# (method, backbone, stage): PolyCL runs on both its own UNet and the medssl UNet the experiments use, so
+# backbone cost and sampler cost can be told apart; gcl-full's two stages are timed separately.
+CASES = [("simclr", "unet", None), ("pcl", "unet", None), ("gcl", "unet", None), ("gcl-full", "unet", "local"),
+         ("polycl-s", "unet", None), ("polycl-o", "unet", None), ("polycl-m", "unet", None),
+         ("polycl-s", "polycl-unet", None), ("polycl-o", "polycl-unet", None), ("polycl-m", "polycl-unet", None)]
 
 
 def main() -> None:
@@ -49,6 +54,7 @@ def main() -> None:
     amp = amp_enabled("auto", torch.device("cpu"))
     rng = np.random.default_rng(0)
     results = []
+    sampler_ms: dict[str, float] = {}
 
     def run(name, step_fn):
         times = []
@@ -76,13 +82,20 @@ def main() -> None:
         opt.step()
 
     run("fine-tuning step (reference)", sup_step)
-    for name in PASSES:
-        backbone = "polycl-unet" if name.startswith("polycl") else "unet"
-        enc = build_model(backbone, in_channels=1, n_classes=2, features=args.features).encoder
+    for name, backbone, stage in CASES:
+        seg_m = build_model(backbone, in_channels=1, n_classes=2, features=args.features)
         # Hippocampus crops hold the target in every central-slab slice: PolyCL-O/M need the whole volume
         slab = 1.0 if name.startswith("polycl") else 0.3
-        method = build_method(name, enc, PretrainConfig(method=name, slab_fraction=slab), AugConfig())
+        method = build_method(name, seg_m.encoder, PretrainConfig(method=name, slab_fraction=slab), AugConfig(),
+                              decoder=seg_m.decoder)
+        if stage == "local":
+            method.set_step(1, 1)  # the local stage (encoder frozen, decoder stages + g2 trained)
         rows = method.select_rows(cache, rows_all) if hasattr(method, "select_rows") else rows_all
+        if hasattr(method, "_draw"):  # the sampler alone: drawing one batch of (positive, negative) rows
+            t0 = time.perf_counter()
+            for i in range(20):
+                method._draw(rng.choice(rows, args.batch).tolist(), make_generator(i))
+            sampler_ms[f"{name} ({backbone})"] = (time.perf_counter() - t0) / 20 * 1e3
         mopt = torch.optim.AdamW(method.parameters(), 1e-3)
 
         def step(i, method=method, rows=rows, mopt=mopt):
@@ -96,16 +109,18 @@ def main() -> None:
             loss.backward()
             mopt.step()
 
-        run(f"{name} ({backbone})", step)
+        run(f"{name}{' local stage' if stage else ''} ({backbone})", step)
 
     lines = [f"Command: `python benchmarks/bench_pretrain.py --steps {args.steps} --batch {args.batch} "
              f"--size {args.size} --features {args.features} --write`",
              f"Date: {time.strftime('%Y-%m-%d %H:%M')}; torch {torch.__version__}; {torch.get_num_threads()} threads; "
              f"bf16 autocast {'on' if amp else 'off'}; Hippocampus cache at {args.size}²; median of {args.steps} steps.",
-             "", "| method | slices/s (input anchors) | encoder passes per slice | ms per step |", "|---|---:|---:|---:|"]
+             "", "| method (backbone) | slices/s (input anchors) | encoder passes per slice | ms per step | "
+             "of which sampler ms |", "|---|---:|---:|---:|---:|"]
     for name, t in results:
         key = name.split(" ")[0]
-        lines.append(f"| {name} | {args.batch / t:.1f} | {PASSES.get(key, 1)} | {t * 1e3:.0f} |")
+        samp = f"{sampler_ms[name]:.2f}" if name in sampler_ms else "–"
+        lines.append(f"| {name} | {args.batch / t:.1f} | {PASSES.get(key, 1)} | {t * 1e3:.0f} | {samp} |")
     text = "\n".join(lines)
     print(text)
     if args.write:

@@ -62,6 +62,7 @@ class _PolyCL(PretrainMethod):
             target = np.zeros(len(slab), bool)
         self.cache, self.slab, self.target = cache, slab, target
         self.scan = cache.case_ids[slab]
+        self.scan_code = np.unique(self.scan, return_inverse=True)[1]  # integer ids: fast "other scan" masks
         scans = sorted(set(self.scan))
         if len(scans) < 2 and self.name != "polycl-m":
             raise DataError(f"pretrain.method={self.name} needs at least 2 pretraining scans, got {len(scans)}")
@@ -128,8 +129,7 @@ class PolyCLS(_PolyCL):
     uses_target = False
 
     def _candidates(self, i):
-        s = self.scan[i]
-        return self.by_scan[s], np.flatnonzero(self.scan != s)
+        return self.by_scan[self.scan[i]], np.flatnonzero(self.scan_code != self.scan_code[i])
 
 
 @register_method("polycl-o")
@@ -146,5 +146,5 @@ class PolyCLM(_PolyCL):
         if self.cfg.m_negative_scope == "same_scan":
             neg = self.pools[(s, 1 - t)]
         else:
-            neg = np.flatnonzero((self.scan != s) & (self.target != t))
+            neg = np.flatnonzero((self.scan_code != self.scan_code[i]) & (self.target != t))
         return self.pools[(s, t)], neg

@@ -58,3 +58,36 @@ def test_bad_experiment_files(tmp_path):
         load_experiment(bad)
     with pytest.raises(ConfigError, match="not found"):
         load_experiment(tmp_path / "missing.yaml")
+
+
+def test_method_entries_with_overrides_init_and_presets(phantom_root, tmp_path):
+    from medssl.report.experiment import method_entries
+
+    ckpt = tmp_path / "pre-f0.pt"
+    spec = {"base": "demo", "data": str(phantom_root), "output_dir": str(tmp_path / "exp"),
+            "methods": ["random", {"name": "random-lr", "method": "random", "finetune": ["train.lr=0.01"]},
+                        {"name": "reuse", "method": "simclr", "init": str(tmp_path / "pre-f{fold}.pt")}],
+            "budgets": [1], "seeds": [0], "finetune": [*TINY, f"data.cache_dir={tmp_path / 'c'}"]}
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    exp = load_experiment(path)
+    assert [e.name for e in method_entries(exp)] == ["random", "random-lr", "reuse"]
+    with pytest.raises(ConfigError, match="checkpoint not found"):  # init reuse needs the file
+        run_experiment(exp, progress_print=lambda _: None)
+    spec["methods"] = spec["methods"][:2]
+    path.write_text(yaml.safe_dump(spec))
+    run_experiment(load_experiment(path), progress_print=lambda _: None)
+    cells = tmp_path / "exp" / "cells"
+    assert yaml.safe_load((cells / "random-lr-f0-m1-s0" / "config.yaml").read_text())["train"]["lr"] == 0.01
+    assert yaml.safe_load((cells / "random-f0-m1-s0" / "config.yaml").read_text())["train"]["lr"] != 0.01
+    # duplicate names, unknown methods inside mappings and unknown entry keys are rejected
+    for methods, needle in ((["random", {"name": "random"}], "unique"),
+                            ([{"name": "x", "method": "nope"}], "unknown method"),
+                            ([{"name": "x", "methd": "pcl"}], "methd")):
+        path.write_text(yaml.safe_dump({**spec, "methods": methods}))
+        with pytest.raises(ConfigError, match=needle):
+            load_experiment(path)
+    for name in ("hippocampus_cpu", "hippocampus_paper"):  # the packaged experiments load
+        assert len(method_entries(load_experiment(name))) == 7
+    with pytest.raises(ConfigError, match="packaged experiments"):
+        load_experiment("no_such_experiment")

@@ -62,6 +62,9 @@ class MethodEntry:
     name: str  # the row name in tables and run folders
     method: str = "random"  # a pretraining method, or "random" (no pretraining)
     overrides: list[str] = field(default_factory=list)  # dotted overrides for its pretraining and cells
+    pretrain: list[str] = field(default_factory=list)  # ... for its pretraining only
+    finetune: list[str] = field(default_factory=list)  # ... for its cells only
+    init: str = ""  # reuse this pretrained checkpoint instead of pretraining ("{fold}" is replaced)
 
 
 def method_entries(exp: ExperimentConfig) -> list[MethodEntry]:
@@ -125,9 +128,13 @@ def run_experiment(exp: ExperimentConfig, progress_print=print) -> list[dict]:
         for entry in method_entries(exp):
             method, own = entry.name, entry.overrides
             init = None
-            if entry.method != "random":
+            if entry.init:
+                init = Path(entry.init.replace("{fold}", str(fold))).expanduser()
+                if not init.is_file():
+                    raise ConfigError(f"methods[{method}].init: checkpoint not found: {init}")
+            elif entry.method != "random":
                 name = f"{method}-f{fold}"
-                cfg = load_config(exp.base, overrides=[*common, *exp.pretrain, *own,
+                cfg = load_config(exp.base, overrides=[*common, *exp.pretrain, *own, *entry.pretrain,
                                                        f"output_dir={out / 'pretrain'}", f"name={name}",
                                                        f"pretrain.method={entry.method}", f"split.fold={fold}"])
                 run_dir = out / "pretrain" / name
@@ -138,7 +145,7 @@ def run_experiment(exp: ExperimentConfig, progress_print=print) -> list[dict]:
                     name = f"{method}-f{fold}-m{budget}-s{seed}"
                     run_dir = out / "cells" / name
                     extra = [f"train.init={init}"] if init else []
-                    cfg = load_config(exp.base, overrides=[*common, *exp.finetune, *own, *extra,
+                    cfg = load_config(exp.base, overrides=[*common, *exp.finetune, *own, *entry.finetune, *extra,
                                                            f"output_dir={out / 'cells'}", f"name={name}",
                                                            f"split.fold={fold}", f"split.budget={budget}",
                                                            f"split.budget_seed={seed}", f"train.seed={seed}"])

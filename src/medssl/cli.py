@@ -142,6 +142,104 @@ def experiment(ctx: typer.Context, config: str = typer.Argument(..., help="exper
     typer.echo((Path(exp.output_dir).expanduser() / "results.md").read_text())
 
 
+def _int_list(text: Optional[str], option: str) -> list[int]:
+    from medssl.errors import ConfigError
+
+    try:
+        return [int(v) for v in (text or "").replace(" ", "").split(",") if v]
+    except ValueError:
+        raise ConfigError(f"{option}: expected comma-separated class ids, got {text!r}") from None
+
+
+@app.command(context_settings=EXTRA)
+def refine(ctx: typer.Context,
+           coarse: str = typer.Argument(..., help="coarse label map(s): a NIfTI file or a folder (e.g. medssl predict output)"),
+           images: str = typer.Argument(..., help="the image(s): a file, a folder of NIfTI files or a dataset folder"),
+           output: str = typer.Option(..., "--output", "-o", help="folder for the refined {CASE}.nii.gz"),
+           labels: Optional[str] = typer.Option(None, "--labels", help="ground truth (file or folder) for Dice before/after"),
+           config: Optional[str] = ConfigOpt,
+           backend: str = typer.Option("litemedsam", help="segmenter backend: litemedsam or sam2"),
+           checkpoint: Optional[str] = typer.Option(None, help="weights file (default: the backend's own)"),
+           box_pad: int = typer.Option(0, "--box-pad", help="pixels added around every box"),
+           per_component: bool = typer.Option(False, "--per-component", help="one box per connected component"),
+           min_component: int = typer.Option(0, "--min-component", help="components smaller than this (px) are not prompted"),
+           merge: str = typer.Option("replace", help="replace, intersect or union with the coarse mask"),
+           iou_threshold: float = typer.Option(0.0, "--iou-threshold", help="keep the coarse mask below this predicted IoU"),
+           exclude: Optional[str] = typer.Option(None, "--exclude", help="class ids left unrefined, e.g. 2,3"),
+           overlap: str = typer.Option("coarse", help="overlap rule between classes: coarse, score or order"),
+           axis: Optional[int] = typer.Option(None, "--axis", help="slicing axis (default: data.axis of the config)"),
+           modality: Optional[str] = typer.Option(None, help="CT or MRI (default: dataset.json or guessed)"),
+           device: Optional[str] = typer.Option(None, help="torch device")):
+    """Refine coarse label maps with box prompts (LiteMedSAM by default); output keeps the input geometry."""
+    from medssl.sam.refine import RefineConfig, refine_predictions
+
+    cfg = _config(config, ctx)
+    rcfg = RefineConfig(backend=backend, checkpoint=checkpoint, device=device, axis=axis,
+                        box_mode="per_component" if per_component else "global", box_pad=box_pad,
+                        min_component_px=min_component, merge=merge, iou_threshold=iou_threshold,
+                        exclude=_int_list(exclude, "--exclude"), overlap=overlap, modality=modality)
+    result = refine_predictions(coarse, images, labels, out_dir=output, cfg=rcfg, data=cfg.data)
+    if "per_class" in result:
+        _print_refine(result)
+    n_boxes = sum(s["boxes"] for s in result["stats"].values())
+    typer.echo(f"refined {len(result['cases'])} volume(s) ({n_boxes} boxes) -> {output}")
+
+
+def _print_refine(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    def f(v, d=3):
+        return "–" if v is None else f"{v:.{d}f}"
+
+    table = Table(title=f"refinement: {len(result['cases'])} volume(s), 3D Dice / HD95 (mm) before -> after")
+    for col in ("class", "Dice before", "Dice after", "Δ Dice", "HD95 before", "HD95 after"):
+        table.add_column(col)
+    for name, d in result["per_class"].items():
+        table.add_row(name, f(d["dice_before"]), f(d["dice_after"]), f(d["dice_delta"]),
+                      f(d["hd95_before"], 2), f(d["hd95_after"], 2))
+    Console().print(table)
+
+
+@app.command(context_settings=EXTRA)
+def propagate(ctx: typer.Context,
+              image: str = typer.Argument(..., help="the image volume (NIfTI file or DICOM folder)"),
+              output: str = typer.Option(..., "--output", "-o", help="output label map (.nii.gz)"),
+              mask: Optional[str] = typer.Option(None, "--mask", help="2D mask of the annotated slice (.npy or NIfTI)"),
+              slice_index: Optional[int] = typer.Option(None, "--slice", help="index of the annotated slice (with --mask)"),
+              labels: Optional[str] = typer.Option(None, "--labels", help="label volume to take the annotated slice from"),
+              key: str = typer.Option("largest", "--key", help="key slice per class: largest, middle, or an index"),
+              label: Optional[int] = typer.Option(None, "--label", help="propagate only this class id"),
+              gt: Optional[str] = typer.Option(None, "--gt", help="full label volume for 3D Dice (default: --labels)"),
+              config: Optional[str] = ConfigOpt,
+              backend: str = typer.Option("litemedsam", help="litemedsam (box chain, SAM 2 stand-in) or sam2"),
+              checkpoint: Optional[str] = typer.Option(None, help="weights file (sam2: required)"),
+              margin: Optional[float] = typer.Option(None, help="box margin in px (default 3 px of the 256 frame)"),
+              iou_threshold: float = typer.Option(0.5, "--iou-threshold", help="stop below this predicted IoU"),
+              min_area_ratio: float = typer.Option(0.0, "--min-area-ratio", help="stop when the area shrinks below this ratio"),
+              max_area_ratio: float = typer.Option(0.0, "--max-area-ratio", help="stop when the area grows above this ratio"),
+              on_empty: str = typer.Option("stop", "--on-empty", help="stop, or key_box (retry with the key box)"),
+              copy_window: Optional[int] = typer.Option(None, "--copy-window", help="copy baseline: key±k slices (default all)"),
+              axis: Optional[int] = typer.Option(None, "--axis", help="slicing axis (default: data.axis of the config)"),
+              modality: Optional[str] = typer.Option(None, help="CT or MRI (default: guessed from the intensities)"),
+              device: Optional[str] = typer.Option(None, help="torch device")):
+    """Propagate one annotated slice through the volume (LiteMedSAM box chain, or SAM 2)."""
+    from medssl.sam.propagate import run_propagate
+
+    cfg = _config(config, ctx)
+    key_rule = key if not key.lstrip("-").isdigit() else "largest"
+    pcfg = dict(backend=backend, checkpoint=checkpoint, device=device, axis=axis, key_slice=key_rule, label=label,
+                margin=margin, on_empty=on_empty, iou_threshold=iou_threshold, min_area_ratio=min_area_ratio,
+                max_area_ratio=max_area_ratio, copy_window=copy_window)
+    key_index = int(key) if key.lstrip("-").isdigit() else None
+    info = run_propagate(image, output, pcfg, cfg.data, mask=mask, slice_index=slice_index, labels=labels,
+                         key_index=key_index, gt=gt, modality=modality)
+    for name, m in info.get("metrics", {}).items():
+        dice = ", ".join(f"{c}: {v:.3f}" for c, v in m["dice"].items())
+        typer.echo(f"{name:>11}: 3D Dice mean {m['dice_mean']:.3f} ({dice})")
+    typer.echo(f"key slices {info['key_slices']}; wrote {output}")
+
+
 @app.command(context_settings=EXTRA)
 def demo(ctx: typer.Context, data: Optional[str] = DataOpt,
          workdir: str = typer.Option("medssl-demo", help="where the phantom, runs and predictions go"),

@@ -135,6 +135,26 @@ class PretrainConfig:
     gcl_parts: int = 4  # GCL: partitions per volume along the slice axis
     gcl_strategy: str = "GD"  # GCL global positives: "GD" (proposed), "GD-" or "GR" (SimCLR-like)
     gcl_formulation: str = "chaitanya"  # "chaitanya" (own numerator per pair) or "supcon_partition" (PCL code)
+    # KAF (kaf.md §4-§6; method "kaf", backbone "kaf-unet"). Global losses reuse tau, base_tau, pcl_theta, proj_dim.
+    kaf_w_cnn: float = 1.0  # w1: PCL loss on the pooled bottleneck embedding z_cnn (0 = off)
+    kaf_w_kp: float = 1.0  # w2: the same loss on the aggregated keypoint descriptor z_kp (0 = off)
+    kaf_w_local: float = 0.01  # w3: local matching loss (Sinkhorn + dustbin; 0 = off, matcher not built)
+    kaf_kp_scales: list[int] = field(default_factory=list)  # KAF scales feeding z_kp and the matcher (empty = all)
+    kaf_neighbour: str = "fraction"  # neighbour rule: "fraction" (s + int(f·U(-1,1)·Z)) or "acdc" (f = min(0.18, 2/Z))
+    kaf_neighbour_fraction: float = 0.05  # f of the "fraction" rule; the offset is at least 1 slice
+    kaf_match_radius: float = 0.0  # correspondence radius R (px, network-input frame); 0 = max(3, 20·S/512)
+    kaf_sinkhorn_iters: int = 100  # log-domain Sinkhorn iterations T_s (paper 100, cpu 30)
+    kaf_match_layers: int = 4  # matcher attention layers, alternating self, cross, self, cross, ... (paper 4, cpu 2)
+    kaf_match_dim: int = 256  # matcher width D and its heads
+    kaf_match_heads: int = 4
+    kaf_head_dim: int = 256  # width of G = Conv1d(concat of the S_l), shared by the z_kp head and the matcher
+    kaf_dustbin_init: float = 1.0  # initial learnable dustbin score alpha
+    kaf_norm: str = "batch"  # norm of the matcher/keypoint-head MLPs: "batch" (paper, masked BN1d), "group", "layer"
+    kaf_local_form: str = "code"  # "code" (0.45·mean pos + 1.0·mean dustbin, clamp -100) or "paper" (eq. 2 sums)
+    kaf_local_pos_weight: float = 0.45  # code form: weight of the matched-pair term
+    kaf_local_neg_weight: float = 1.0  # code form: weight of the dustbin (unmatched) term
+    kaf_min_keypoints: int = 8  # anchor slices with fewer SIFT keypoints are skipped (counted in the run's log)
+    kaf_keypoints: str = "pad"  # batching: "pad" (per-item counts + masks) or "truncate" (code: batch min, matched first)
     gcl_local_fraction: float = 0.5  # gcl-full: share of the steps spent in the local stage (encoder frozen)
     gcl_local_blocks: int = 2  # gcl-full: decoder stages trained by the local loss (2 = a 1/4-resolution map)
     gcl_local_regions: int = 13  # gcl-full: K x K regions at fixed positions

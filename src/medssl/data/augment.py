@@ -18,12 +18,28 @@ so a resumed or distributed run draws exactly the same augmentation as an uninte
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from medssl.config import AugConfig
+
+
+@dataclass(frozen=True)
+class Warp:
+    """The spatial part of one batch augmentation, in ``grid_sample`` terms (``align_corners=False``).
+
+    Output pixel o (normalised coordinates o_n, x first) samples the input at
+    ``theta[:, :, :2] @ o_n + theta[:, :, 2] + disp(o)``; ``disp`` (B, H, W, 2) is the elastic displacement
+    in normalised units at each output pixel centre, or None. ``medssl.models.kaf.transport`` inverts it
+    to move point coordinates from input to output.
+    """
+
+    theta: torch.Tensor  # (B, 2, 3)
+    disp: torch.Tensor | None  # (B, H, W, 2) or None
+    size: tuple[int, int]  # (H, W)
 
 
 def sample_seed(base: int, epoch: int, row: int) -> int:
@@ -80,16 +96,27 @@ class BatchAugment:
     @torch.no_grad()
     def __call__(self, image: torch.Tensor, label: torch.Tensor, generator: torch.Generator
                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        img, lab, _ = self.apply(image, label, generator)
+        return img, lab
+
+    @torch.no_grad()
+    def apply(self, image: torch.Tensor, label: torch.Tensor | None, generator: torch.Generator
+              ) -> tuple[torch.Tensor, torch.Tensor | None, Warp]:
+        """As ``__call__`` (same draws, identical outputs) but ``label`` may be None, and the spatial
+        :class:`Warp` used is returned too (to carry point coordinates through the same warp)."""
         c, g = self.cfg, generator
         b, _, h, w = image.shape
         dev = image.device
-        grid = F.affine_grid(self._affine(g, b, dev), [b, 1, h, w], align_corners=False)
+        theta = self._affine(g, b, dev)
+        grid = F.affine_grid(theta, [b, 1, h, w], align_corners=False)
         disp = self._elastic(g, b, h, w, dev)
         if disp is not None:
             grid = grid + disp
         img = F.grid_sample(image.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
-        lab = F.grid_sample(label[:, None].float(), grid, mode="nearest", padding_mode="border",
-                            align_corners=False)[:, 0].round().to(label.dtype)
+        lab = None
+        if label is not None:
+            lab = F.grid_sample(label[:, None].float(), grid, mode="nearest", padding_mode="border",
+                                align_corners=False)[:, 0].round().to(label.dtype)
         if c.intensity_prob > 0:
             s = torch.where(self._coin(g, b, c.intensity_prob, dev),
                             self._uniform(g, b, 1 - c.intensity_scale, 1 + c.intensity_scale, dev), 1.0)
@@ -99,7 +126,7 @@ class BatchAugment:
         if c.noise_prob > 0:
             std = torch.where(self._coin(g, b, c.noise_prob, dev), self._uniform(g, b, 0, c.noise_std, dev), 0.0)
             img = img + torch.randn(img.shape, generator=g, device=dev) * std[:, None, None, None]
-        return img, lab
+        return img, lab, Warp(theta=theta, disp=disp, size=(h, w))
 
 
 def build_augmentation(cfg: AugConfig) -> BatchAugment | None:

@@ -184,13 +184,20 @@ def finetune(cfg: Config, *, resume: bool = False, progress: bool = True) -> Pat
     criterion = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, batch=True,
                            lambda_dice=cfg.train.dice_weight, lambda_ce=cfg.train.ce_weight)
 
+    prepare = getattr(model, "prepare_batch", None)  # models needing more than the image (kaf-unet keypoints)
+
     def loss_fn(net, batch, step):
         x = batch["image"].to(dist.device, non_blocking=True)
         y = batch["label"].to(dist.device, non_blocking=True)
+        g = None
         if pipeline is not None:  # seeded by (seed, step, rank): identical after --resume
             g = make_generator(sample_seed(cfg.train.seed, dist.rank, step), dist.device)
+        extra = {}
+        if prepare is not None:  # augments x, y itself with the same draws, returns forward keywords
+            x, y, extra = prepare(batch, x, y, pipeline, g, cache)
+        elif pipeline is not None:
             x, y = pipeline(x, y, g)
-        logits = net(x)
+        logits = net(x, **extra)
         return criterion(logits.float(), y[:, None]), {}
 
     meta = model_meta(cfg, cache)

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from medssl.errors import ConfigError
+from medssl.models.kaf.kaf_unet import build_kaf_unet
 from medssl.models.polycl_unet import build_polycl_unet
 from medssl.models.unet import SegmentationModel, build_monai_basicunet, build_unet
 
@@ -66,3 +67,10 @@ def _monai_basicunet(
 @register_backbone("polycl-unet")
 def _polycl_unet(*, in_channels: int, n_classes: int, features: int = 16, dropout: float = 0.25) -> SegmentationModel:
     return build_polycl_unet(in_channels=in_channels, n_classes=n_classes, features=features, dropout=dropout)
+
+
+@register_backbone("kaf-unet")
+def _kaf_unet(*, in_channels: int, n_classes: int, features: int = 32, **options: Any) -> SegmentationModel:
+    """KAF-UNet (kaf.md §2); options: kaf_scales, kaf_dim, kaf_heads, kaf_layers, kaf_norm, kaf_sampler,
+    kaf_collision, max_keypoints, sift_upsample, dedupe_keypoints (see docs/kaf.md)."""
+    return build_kaf_unet(in_channels=in_channels, n_classes=n_classes, features=features, **options)

@@ -259,6 +259,9 @@ def _unwrap(state_dict: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
 def _load_strictly(
     target: nn.Module, sd: Mapping[str, Tensor], what: str, prefix: str, strict: bool
 ) -> list[str]:
+    check = getattr(target, "check_state_dict", None)  # backbones with settings to compare (kaf-unet)
+    if callable(check):
+        check(sd)
     own = target.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]

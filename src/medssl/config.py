@@ -95,6 +95,7 @@ class TrainConfig:
     val_every: int = 1  # epochs
     init: str | None = None  # checkpoint to start from
     init_mode: str = "encoder"  # "encoder" or "full"
+    freeze_encoder: bool = False  # fine-tune decoder and head only (encoder weights and BatchNorm statistics fixed)
     foreground_oversample: float = 0.0  # fraction of each batch drawn from slices containing foreground
     threads: int = 0  # torch.set_num_threads (0 = leave the default)
 

@@ -165,6 +165,9 @@ def finetune(cfg: Config, *, resume: bool = False, progress: bool = True) -> Pat
                         features=cfg.model.features, **cfg.model.options)
     if cfg.train.init and not resume:
         init_from_checkpoint(model, cfg.train.init, cfg.train.init_mode, cfg.model.backbone)
+    if cfg.train.freeze_encoder:  # frozen transfer: the optimiser only sees decoder and head
+        for p in model.encoder.parameters():
+            p.requires_grad_(False)
     begin_run(cfg, run, dist, split, resume=resume, kind="finetune")
 
     rows = cache.rows(split.labelled)
@@ -197,6 +200,8 @@ def finetune(cfg: Config, *, resume: bool = False, progress: bool = True) -> Pat
             x, y, extra = prepare(batch, x, y, pipeline, g, cache)
         elif pipeline is not None:
             x, y = pipeline(x, y, g)
+        if cfg.train.freeze_encoder:
+            model.encoder.eval()  # BatchNorm statistics stay those of the initialisation
         logits = net(x, **extra)
         return criterion(logits.float(), y[:, None]), {}
 

@@ -7,11 +7,11 @@ B x D x H x W map and convolves it. Same weights, same inputs; a step is forward
 ``sum(out * w) + sum(S)``.
 
 Time: median over ``--steps`` steps after one warm-up step. Peak memory: each (size, implementation) runs
-in a fresh subprocess; on CPU it reports the process's resident-set high-water mark (``VmHWM`` of
-/proc/self/status) minus the resident set just before the first step, i.e. the extra memory the steps needed
-(torch's CPU allocator hands large blocks back to the OS, so this tracks the tensors' peak, plus allocator
-slack). ``getrusage``'s ``ru_maxrss`` is not used: Linux carries the forking parent's high-water mark over
-``exec`` into it; on CUDA ``torch.cuda.max_memory_allocated`` minus the allocation before the first step.
+in a fresh subprocess and makes one warm-up step first (kernel choice, library code paged in, caches).
+On CPU it then resets the resident-set high-water mark (``echo 5 > /proc/self/clear_refs``) and reports
+``VmHWM`` after the timed steps minus the resident set before them, i.e. the extra memory a step needs
+(torch's CPU allocator returns large blocks to the OS, so this tracks the tensors' peak plus allocator
+slack; ``getrusage``'s ``ru_maxrss`` is not usable: Linux carries the forking parent's peak into it); on CUDA ``torch.cuda.max_memory_allocated`` minus the allocation before the first step.
 
     python benchmarks/bench_kaf_layer.py [--steps 5] [--batch 4] [--keypoints 256] [--write]
 """
@@ -72,19 +72,21 @@ def child(args) -> None:
     case = make_case(args.size, args, device)
     step = step_fn(args.impl, *case)
     cuda = device.type == "cuda"
+    step()  # warm-up: kernels chosen, library code paged in, caches filled
     if cuda:
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-    base_rss = _status_kb("VmRSS")
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident set
+        base_rss = _status_kb("VmRSS")
     times = []
-    for i in range(args.steps + 1):
+    for _ in range(args.steps):
         t0 = time.perf_counter()
         step()
         if cuda:
             torch.cuda.synchronize()
-        if i:  # the first step is a warm-up
-            times.append(time.perf_counter() - t0)
+        times.append(time.perf_counter() - t0)
     if cuda:
         peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
     else:
@@ -161,11 +163,12 @@ def main() -> None:
                     f"{d['peak_mb'] / max(m['peak_mb'], 1e-3):.1f}x | {err:.1e} |")
         print(rows[-1], flush=True)
     mem = ("CUDA max_memory_allocated above the pre-step allocation" if args.device.startswith("cuda") else
-           "resident-set high-water mark (VmHWM) above the RSS before the first step, fresh process per cell")
+           "resident-set high-water mark (VmHWM, reset after a warm-up step) above the RSS before the timed "
+           "steps, fresh process per cell")
     text = "\n".join([
         f"KAF layer, one training step (forward + backward), batch {args.batch}, {args.keypoints} keypoints per "
         f"image (no collisions), C={args.channels}, D={args.dim}, {args.attention} attention layers, "
-        f"{args.device}, {args.threads} thread(s), median of {args.steps} steps after a warm-up. "
+        f"{args.device}, {args.threads} thread(s), median of {args.steps} steps after a warm-up step. "
         "medssl: sparse diffusion (scatter W1·s_k into a 64-channel map); dense: the released code's "
         "formulation (a zero B x D x H x W map, then Conv3x3), `benchmarks/kaf_dense_reference.py`. "
         f"Peak memory: {mem}. Same outputs: float32 outputs allclose, float64 outputs and all gradients allclose "

@@ -9,16 +9,16 @@ Every per-volume result is cached as JSON under ``--work`` (default ``runs/sam_b
 resumes and ``report`` only reads. Comparisons, all in the same run:
 
 * refinement: the coarse mask itself (no SAM) vs LiteMedSAM box refinement under several merge policies
-  (one SAM pass per box mode; the policies are applied to the same predictions). On the CT example the
+  (one SAM pass: all variants, box modes and policies share the per-slice embedding). On the CT example the
   coarse mask is the ground truth degraded in a seeded way (per organ: erosion or dilation by 1-2 px in
   plane, then an in-plane shift of up to 3 px; organs painted in label order), plus SAM on the untouched
   ground truth (what box prompting does to a perfect mask). On Hippocampus the coarse masks are the run's
   own test-fold predictions.
-* propagation: the LiteMedSAM box chain (a stand-in for SAM 2) under several stopping rules (one chain
-  run with only the empty-mask stop, replayed with stricter rules -- identical to separate runs) vs
+* propagation: the LiteMedSAM box chain (a stand-in for SAM 2) under several stopping rules vs
   copying the annotated slice to every slice, to key +-3 slices, and the annotated slice alone. The key
-  slice per class is the one with the largest area. Test-fold volumes (fold 0 of the ``hippocampus``
-  preset) are sampled with ``numpy.random.default_rng(seed)``.
+  slice per class is the one with the largest area. The chain is run once with the permissive stop
+  IoU < 0.3 and replayed with the stricter rules (identical to separate runs). Test-fold volumes (fold 0
+  of the ``hippocampus`` preset) are sampled with ``numpy.random.default_rng(seed)``.
 
 Timings are provisional (a shared 2-core CPU).
 """
@@ -44,7 +44,8 @@ CT_ORGANS = {1: "spleen", 2: "kidney_right", 3: "kidney_left", 4: "gallbladder",
              7: "pancreas"}  # TotalSegmentator v2 ids
 RESULTS = ROOT / "benchmarks" / "results"
 POLICIES = [("replace", 0.0), ("intersect", 0.0), ("union", 0.0), ("replace", 0.5), ("replace", 0.8)]
-STOP_RULES = {"empty only": {"iou_threshold": 0.0}, "IoU<0.5 (default)": {"iou_threshold": 0.5},
+RECORD_IOU = 0.3  # the chain is run once with this (permissive) stop; stricter rules are replayed
+STOP_RULES = {"IoU<0.3": {"iou_threshold": 0.3}, "IoU<0.5 (default)": {"iou_threshold": 0.5},
               "IoU<0.7": {"iou_threshold": 0.7},
               "IoU<0.5 or area x<0.3 / >3": {"iou_threshold": 0.5, "min_area_ratio": 0.3, "max_area_ratio": 3.0}}
 COPY_WINDOW = 3
@@ -89,23 +90,28 @@ def degrade(gt: np.ndarray, classes, seed: int) -> tuple[np.ndarray, dict]:
     return out, params
 
 
-def refine_sweep(norm, coarse, gt, spacing, axis, seg, classes, box_modes=("global", "per_component")) -> dict:
-    """Scores of the coarse mask and of every (box mode, merge, IoU threshold) policy; one SAM pass per mode."""
+def refine_sweep(norm, variants: dict[str, np.ndarray], gt, spacing, axis, seg, classes,
+                 box_modes=("global", "per_component")) -> dict[str, dict]:
+    """Per coarse variant: scores of the coarse mask and of every (box mode, merge, IoU threshold) policy.
+
+    All variants and box modes share one image embedding per slice (one SAM pass in total)."""
     from medssl.evaluation.metrics import volume_scores
-    from medssl.sam.refine import RefineConfig, merge_volume, predict_volume, prediction_stats
+    from medssl.sam.refine import RefineConfig, merge_volume, predict_volume_multi, prediction_stats
 
     n = max(classes) + 1
-    out = {"coarse": _dice_hd(volume_scores(coarse, gt, n, spacing, axis=axis), classes), "stats": {}}
-    for bm in box_modes:
-        t0 = time.perf_counter()
-        preds = predict_volume(norm, coarse, seg, RefineConfig(box_mode=bm), axis, classes=classes)
-        st = prediction_stats(preds)
-        st["seconds_per_slice"] = (time.perf_counter() - t0) / max(st["slices_prompted"], 1)
-        out["stats"][bm] = st
+    jobs = [(name, bm) for name in variants for bm in box_modes]
+    t0 = time.perf_counter()
+    preds = predict_volume_multi(norm, [(variants[v], RefineConfig(box_mode=bm)) for v, bm in jobs], seg, axis,
+                                 classes=classes)
+    n_emb = sum(any(p[z] is not None for p in preds) for z in range(len(preds[0])))
+    sps = (time.perf_counter() - t0) / max(n_emb, 1)
+    out = {v: {"coarse": _dice_hd(volume_scores(variants[v], gt, n, spacing, axis=axis), classes), "stats": {}}
+           for v in variants}
+    for (v, bm), pr in zip(jobs, preds):
+        out[v]["stats"][bm] = {**prediction_stats(pr), "seconds_per_slice": sps, "embeddings": n_emb}
         for merge, thr in POLICIES:
-            cfg = RefineConfig(box_mode=bm, merge=merge, iou_threshold=thr)
-            refined = merge_volume(coarse, preds, cfg, axis)
-            out[f"{bm}/{merge}/iou>={thr}"] = _dice_hd(volume_scores(refined, gt, n, spacing, axis=axis), classes)
+            refined = merge_volume(variants[v], pr, RefineConfig(box_mode=bm, merge=merge, iou_threshold=thr), axis)
+            out[v][f"{bm}/{merge}/iou>={thr}"] = _dice_hd(volume_scores(refined, gt, n, spacing, axis=axis), classes)
     return out
 
 
@@ -114,19 +120,20 @@ def run_refine_ct(work: Path, seed: int) -> None:
     from medssl.data.readers import read_volume
     from medssl.sam.refine import sam_intensity
 
-    image, seg_vol = read_volume(CT_IMAGE), read_volume(CT_SEG, role="label")
-    classes = sorted(CT_ORGANS)
-    gt = np.where(np.isin(seg_vol.array, classes), seg_vol.array, 0).astype(np.uint8)
-    norm = sam_intensity(image.array, "CT", DataConfig())
-    seg = _segmenter()
-    for name, coarse_fn in (("degraded", lambda: degrade(gt, classes, seed)), ("ground_truth", lambda: (gt, {}))):
-        def job():
-            coarse, params = coarse_fn()
-            res = refine_sweep(norm, coarse, gt, image.spacing, 2, seg, classes)
-            res["degradation"] = params
-            return res
-        _json_cache(work / "refine_ct" / f"{name}_seed{seed}.json", job)
-        print(f"refine-ct {name}: done", flush=True)
+    def job():
+        image, seg_vol = read_volume(CT_IMAGE), read_volume(CT_SEG, role="label")
+        classes = sorted(CT_ORGANS)
+        gt = np.where(np.isin(seg_vol.array, classes), seg_vol.array, 0).astype(np.uint8)
+        degraded, params = degrade(gt, classes, seed)
+        norm = sam_intensity(image.array, "CT", DataConfig())
+        res = refine_sweep(norm, {f"degraded_seed{seed}": degraded, "ground_truth": gt}, gt, image.spacing, 2,
+                           _segmenter(), classes)
+        res[f"degraded_seed{seed}"]["degradation"] = params
+        return res
+    res = _json_cache(work / "refine_ct" / f"seed{seed}.json", job)
+    for name, r in res.items():
+        (work / "refine_ct" / f"{name}.json").write_text(json.dumps(r, indent=1))
+    print("refine-ct: done", flush=True)
 
 
 def run_refine_runs(work: Path, runs: list[str], n_cases: int, seed: int) -> None:
@@ -152,8 +159,8 @@ def run_refine_runs(work: Path, runs: list[str], n_cases: int, seed: int) -> Non
                 image, label = read_case(info.case(case), info)
                 coarse = predictor.predict_volume(image)
                 norm = sam_intensity(image.array, info.modality, cfg.data)
-                res = refine_sweep(norm, coarse, label.array, image.spacing, cfg.data.axis, seg, classes,
-                                   box_modes=("global",))
+                res = refine_sweep(norm, {"pred": coarse}, label.array, image.spacing, cfg.data.axis, seg,
+                                   classes)["pred"]
                 res["budget_m"] = split.budget_m
                 return res
             _json_cache(work / "refine_runs" / run.path.name / f"{case}.json", job)
@@ -189,7 +196,7 @@ def propagate_all(image, labels: np.ndarray, classes, modality: str, seg, axis: 
     slices = np.ascontiguousarray(volume_slices(sam_intensity(image.array, modality, DataConfig()), axis))
     record: dict = {}
     t0 = time.perf_counter()
-    _, info = box_chain(slices, ann, seg, PropagateConfig(iou_threshold=0.0), record=record)
+    _, info = box_chain(slices, ann, seg, PropagateConfig(iou_threshold=RECORD_IOU), record=record)
     secs = time.perf_counter() - t0
     out = {"key_slices": {str(c): k for c, (k, _) in ann.keys.items()}, "n_slices": int(slices.shape[0]),
            "set_image_calls": info["set_image_calls"], "seconds": secs, "methods": {}}
@@ -253,18 +260,21 @@ def _policy_table(results: list[dict], names: dict[int, str], title: str) -> tup
         cells = [("–" if m is None else f"{m:.3f}") for m in means]
         defined = [m for m in means if m is not None]
         lines.append(f"| {pol} | " + " | ".join(cells) + f" | {statistics.mean(defined):.3f} |")
-    stats = [s for r in results for s in r["stats"].values()]
-    sps = [s["seconds_per_slice"] for s in stats]
-    ious = [s["mean_predicted_iou"] for s in stats if s["mean_predicted_iou"] is not None]
-    lines += ["", f"SAM: {sum(s['slices_prompted'] for s in stats)} prompted slices, "
-                  f"{sum(s['boxes'] for s in stats)} boxes, mean predicted IoU {statistics.mean(ious):.3f}, "
-                  f"{statistics.mean(sps):.2f} s per slice (provisional)."]
+    emb = sum(next(iter(r["stats"].values()))["embeddings"] for r in results)
+    sps = statistics.mean(next(iter(r["stats"].values()))["seconds_per_slice"] for r in results)
+    modes = list(results[0]["stats"])
+    boxes = {m: sum(r["stats"][m]["boxes"] for r in results) for m in modes}
+    ious = {m: statistics.mean(r["stats"][m]["mean_predicted_iou"] for r in results
+                               if r["stats"][m]["mean_predicted_iou"] is not None) for m in modes}
+    lines += ["", f"LiteMedSAM: {emb} slice embeddings (shared by every box mode and policy); boxes "
+                  + ", ".join(f"{m} {boxes[m]} (mean predicted IoU {ious[m]:.3f})" for m in modes)
+                  + f"; {sps:.1f} s wall per embedding (provisional, shared CPU)."]
     return rows, "\n".join(lines)
 
 
 def report(work: Path, results: Path = RESULTS, benchmarks_md: bool = True) -> str:
     parts = []
-    ct = sorted((work / "refine_ct").glob("*.json"))
+    ct = sorted(f for f in (work / "refine_ct").glob("*.json") if not f.stem.startswith("seed"))
     if ct:
         md = []
         all_rows = []
@@ -323,7 +333,8 @@ def report(work: Path, results: Path = RESULTS, benchmarks_md: bool = True) -> s
         from bench_md import write_section
 
         write_section("sam", "SAM refinement and propagation (LiteMedSAM, CPU)",
-                      text + "\n\nCommand: `python benchmarks/sam_results.py {refine-ct,refine-runs,propagate,report}`.")
+                      text + "\n\nCommand: `python benchmarks/sam_results.py "
+                      "{refine-ct,refine-runs,propagate,report}`.")
     return text
 
 

@@ -190,6 +190,31 @@ def test_cpu_preset_builds():
     assert model.encoder.keypoint_settings.upsample == 4 and model.encoder.kaf_dim == 64
 
 
+def test_prepare_batch_uses_cached_keypoints_and_the_same_draws(phantom_root, tmp_path):
+    """The fine-tuning hook: image and label exactly as the plain pipeline, keypoints from the slice cache's
+    sidecar carried through that same warp."""
+    from medssl.config import AugConfig, DataConfig
+    from medssl.data.augment import BatchAugment, make_generator
+    from medssl.data.cache import prepare
+    from medssl.models.kaf import KeypointStore, augment_with_keypoints
+
+    cache = prepare(DataConfig(path=str(phantom_root), size=32, cache_dir=str(tmp_path)), progress=False)
+    model = _small()
+    rows = torch.tensor([1, 9, 17, 30])
+    x = torch.from_numpy(cache.images[rows.numpy()].copy())[:, None]
+    y = torch.from_numpy(cache.labels[rows.numpy()].astype("int64"))
+    aug = BatchAugment(AugConfig(elastic_prob=1.0))
+    xa, ya, extra = model.prepare_batch({"row": rows}, x, y, aug, make_generator(5), cache)
+    xr, yr = aug(x, y, make_generator(5))
+    assert torch.equal(xa, xr) and torch.equal(ya, yr)
+    kp = KeypointStore(cache, model.encoder.keypoint_settings).get(rows, with_desc=False)
+    assert kp.counts().min() > 0
+    _, _, want = augment_with_keypoints(aug, x, y, kp, make_generator(5))
+    assert torch.equal(extra["keypoints"].xy, want.xy) and torch.equal(extra["keypoints"].valid, want.valid)
+    assert not torch.allclose(want.xy, kp.xy)  # the points moved with the image
+    model(xa, **extra).sum().backward()
+
+
 def test_finetune_and_predict_end_to_end(phantom_root, tmp_path):
     """A real (tiny) fine-tuning run with cached, transported keypoints; then prediction computes SIFT itself."""
     from medssl.engine.checkpoint import load_checkpoint
@@ -199,13 +224,13 @@ def test_finetune_and_predict_end_to_end(phantom_root, tmp_path):
     cfg = load_config("demo", overrides=[
         "data.size=32", "model.backbone=kaf-unet", "model.features=4", "model.options.kaf_dim=16",
         "model.options.kaf_layers=1", "model.options.max_keypoints=32", "model.options.sift_upsample=2",
-        "train.batch_size=4", "train.amp=off", "train.threads=1", "train.epochs=1", "train.steps_per_epoch=3",
+        "train.batch_size=4", "train.amp=off", "train.threads=1", "train.epochs=1", "train.steps_per_epoch=2",
         "split.n_folds=4", "split.val=1", "split.budget=2", "aug.elastic_prob=1",
         f"data.path={phantom_root}", f"output_dir={tmp_path}", f"data.cache_dir={tmp_path / 'cache'}",
         "name=kaf"])
     run = finetune(cfg, progress=False)
     ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
-    assert "encoder.kaf_config" in ckpt["model"] and ckpt["meta"]["state"]["step"] == 3
+    assert "encoder.kaf_config" in ckpt["model"] and ckpt["meta"]["state"]["step"] == 2
     assert list((tmp_path / "cache").glob("*/keypoints-*/*.npz"))  # the sidecar keypoint cache
     predictor = load_predictor(run / "checkpoints" / "last.pt", device="cpu")
     import numpy as np

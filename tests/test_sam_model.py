@@ -270,15 +270,17 @@ def test_ct_liver_dice_with_ground_truth_box(segmenter):
     """A few axial liver slices (TotalSegmentator labels, model-generated) with the tight GT box."""
     img, lab = _liver_case()
     liver = lab == 5
-    areas = liver.sum(axis=(0, 1))
-    zs = [int(np.argmax(areas)), int(np.argsort(areas)[len(areas) // 2]), 24]
+    # the largest liver slice (24), a middle one (15) and a lower, two-lobed one (9): measured Dice
+    # 0.97 / 0.92 / 0.91 (0.96 / 0.91 / 0.65 if the RAS slice were shown to the model as given)
+    zs = [24, 15, 9]
+    assert int(np.argmax(liver.sum(axis=(0, 1)))) == 24
     scores = []
     for z in zs:
         m = liver[:, :, z]
         segmenter.set_image(img[:, :, z])
         pred, iou = segmenter.predict(mask_to_box(m)[None])
         scores.append(dice(pred[0], m))
-    assert np.mean(scores) > 0.88 and min(scores) > 0.8, scores
+    assert np.mean(scores) > 0.9 and min(scores) > 0.85, scores
 
 
 def test_boxes_batched_equal_boxes_one_by_one(segmenter):

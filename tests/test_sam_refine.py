@@ -12,10 +12,8 @@ import pytest
 
 from conftest import require_shared
 from medssl.cli import main
-from medssl.config import DataConfig
 from medssl.errors import ConfigError
-from medssl.sam.refine import (Prompt, RefineConfig, SlicePrediction, mask_box, merge_slice, refine_predictions,
-                               slice_prompts)
+from medssl.sam.refine import Prompt, RefineConfig, SlicePrediction, mask_box, merge_slice, slice_prompts
 from synth import LAS, write_nifti
 
 
@@ -150,11 +148,16 @@ def _crop_case(tmp: Path, case: str = "hippocampus_001", n: int = 4) -> dict:
     return {"case": case, "coarse": coarse, "label": label}
 
 
-def test_refine_litemedsam_geometry_and_untouched_slices(tmp_path):
+def test_refine_litemedsam_geometry_and_untouched_slices(tmp_path, capsys):
+    """Through the CLI with the real LiteMedSAM on a stored-LAS crop of a Hippocampus case."""
     info = _crop_case(tmp_path)
-    seg = litemedsam()
-    res = refine_predictions(tmp_path / "coarse", tmp_path / "img", tmp_path / "gt", out_dir=tmp_path / "out",
-                             cfg=RefineConfig(), data=DataConfig(), segmenter=seg, progress=False)
+    litemedsam()  # skips when the weights are not installed
+    rc = main(["refine", str(tmp_path / "coarse"), str(tmp_path / "img"), "-o", str(tmp_path / "out"),
+               "--labels", str(tmp_path / "gt")])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "Dice before" in captured.out
+    res = json.loads((tmp_path / "out" / "refine.json").read_text())
     src = nib.load(str(tmp_path / "coarse" / f"{info['case']}.nii.gz"))
     out = nib.load(str(tmp_path / "out" / f"{info['case']}.nii.gz"))
     assert out.shape == src.shape and np.allclose(out.affine, src.affine)
@@ -284,3 +287,23 @@ def test_refine_run_glue(phantom_root, tmp_path):
     assert seg.images == images and sam_row(again) == row
     refine_run(run_dir, RefineConfig(), segmenter=seg)  # other settings: recomputed
     assert seg.images > images
+
+
+def test_shared_embedding_prediction_matches_separate_runs():
+    from medssl.sam.refine import predict_volume, predict_volume_multi
+
+    coarse = np.zeros((16, 16, 4), np.uint8)
+    coarse[2:6, 2:6, 1], coarse[9:14, 8:12, 1], coarse[3:9, 3:12, 2] = 1, 1, 2
+    other = np.roll(coarse, 2, axis=0)
+    image = np.random.default_rng(0).random(coarse.shape).astype(np.float32)
+    jobs = [(coarse, RefineConfig()), (coarse, RefineConfig(box_mode="per_component")), (other, RefineConfig())]
+    seg = BoxSegmenter()
+    multi = predict_volume_multi(image, jobs, seg, 2)
+    assert seg.images == 2  # slices 1 and 2, once each
+    for (c, cfg), got in zip(jobs, multi):
+        want = predict_volume(image, c, BoxSegmenter(), cfg, 2)
+        assert [w is None for w in want] == [g is None for g in got]
+        for w, g in zip(want, got):
+            if w is not None:
+                assert np.array_equal(w.masks, g.masks) and [p.box.tolist() for p in w.prompts] == \
+                    [p.box.tolist() for p in g.prompts]

@@ -5,8 +5,9 @@ LiteMedSAM — a 1×1 stride-1 patch embedding (no downsampling), an MBConv stag
 windowed-attention stages at 128², 64², 64², and SAM's neck, giving a B×256×64×64 embedding for a
 B×3×256×256 input. Parameter names match the published LiteMedSAM state dict exactly.
 
-Inference speed-ups that keep the maths (``sam.md`` speed notes): attention runs through
-``F.scaled_dot_product_attention`` with the relative-position bias as an additive mask, and
+Inference speed-ups that keep the maths: the relative-position bias is added explicitly (cheaper
+on CPU than the masked path of ``F.scaled_dot_product_attention``), tokens and maps share
+channels_last memory so the depthwise convolutions need no copies, and
 :meth:`TinyViT.fuse_batchnorm` folds every BatchNorm into the preceding convolution (a one-off,
 inference-only change; the state dict keys change afterwards, so load weights first).
 """
@@ -94,7 +95,7 @@ class PatchMerging(nn.Module):
         x = F.gelu(self.conv1(x))
         x = F.gelu(self.conv2(x))
         x = self.conv3(x)
-        return x.flatten(2).transpose(1, 2)
+        return x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, x.shape[1])  # a view for channels_last maps
 
 
 class ConvLayer(nn.Module):
@@ -149,9 +150,11 @@ class Attention(nn.Module):
         b, n, _ = x.shape
         qkv = self.qkv(self.norm(x)).view(b, n, self.num_heads, 3 * self.key_dim).transpose(1, 2)
         q, k, v = qkv.split(self.key_dim, dim=-1)
+        # explicit softmax(q kᵀ / √d + bias) v: on CPU, SDPA with a float mask takes its math path plus
+        # -inf guards (all/isneginf/where) that cost more than the attention itself here
         bias = self.attention_biases[:, self.attention_bias_idxs].to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        return self.proj(out.transpose(1, 2).reshape(b, n, -1))
+        attn = ((q * self.key_dim ** -0.5) @ k.transpose(-2, -1) + bias).softmax(dim=-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, -1))
 
 
 class TinyViTBlock(nn.Module):
@@ -189,8 +192,9 @@ class TinyViTBlock(nn.Module):
         h, w = self.input_resolution
         b, n, c = x.shape
         x = x + self._window_attention(x)
-        x = self.local_conv(x.transpose(1, 2).reshape(b, c, h, w))
-        x = x.reshape(b, c, n).transpose(1, 2)
+        # tokens (B, N, C) are a channels_last (B, C, H, W) map: no copies around the depthwise conv
+        x = self.local_conv(x.view(b, h, w, c).permute(0, 3, 1, 2))
+        x = x.permute(0, 2, 3, 1).reshape(b, n, c)
         return x + self.mlp(x)
 
 

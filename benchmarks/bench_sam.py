@@ -35,10 +35,10 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "ct_example"
 ORGANS = {"liver": 5, "spleen": 1, "stomach": 6}
 VARIANTS = {  # name -> build_segmenter options
-    "medssl fp32": dict(fuse_bn=True),
-    "medssl fp32 channels_last": dict(fuse_bn=True, channels_last=True),
-    "medssl bf16": dict(fuse_bn=True, precision="bf16"),
-    "medssl bf16 channels_last": dict(fuse_bn=True, precision="bf16", channels_last=True),
+    "medssl fp32, NCHW": dict(fuse_bn=True, channels_last=False),
+    "medssl fp32 (default)": dict(fuse_bn=True, channels_last=True),
+    "medssl bf16, NCHW": dict(fuse_bn=True, precision="bf16", channels_last=False),
+    "medssl bf16": dict(fuse_bn=True, precision="bf16", channels_last=True),
 }
 
 
@@ -66,33 +66,35 @@ def dice(a, b) -> float:
 
 
 def run_baseline(seg, img, lab, zs, mask_to_box):
-    times, out = [], {}
+    times, cpu, out = [], [], {}
     for i, z in enumerate(zs):
         masks = []
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for c in ORGANS.values():
             seg.set_image(img[:, :, z])  # re-encode per prompt
             masks.append(seg.predict(mask_to_box(lab[:, :, z] == c)[None])[0][0])
         if i:
             times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
         out[z] = masks
-    return times, out
+    return times, cpu, out
 
 
 def run_medssl(seg, img, lab, zs, mask_to_box):
-    times, enc, out = [], [], {}
+    times, cpu, enc, out = [], [], [], {}
     for i, z in enumerate(zs):
         boxes = np.stack([mask_to_box(lab[:, :, z] == c) for c in ORGANS.values()])
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         seg.set_image(img[:, :, z])
         seg.embedding()
         t1 = time.perf_counter()
         masks, _ = seg.predict(boxes)
         if i:
             times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
             enc.append(t1 - t0)
         out[z] = list(masks)
-    return times, enc, out
+    return times, cpu, enc, out
 
 
 def main(argv=None) -> None:
@@ -115,18 +117,19 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
     base_model = load_litemedsam()
     load_s = time.perf_counter() - t0
-    base = build_segmenter("litemedsam", intensity="ct", fuse_bn=False, model=base_model)
-    b_times, b_out = run_baseline(base, img, lab, zs, mask_to_box)
+    base = build_segmenter("litemedsam", intensity="ct", fuse_bn=False, channels_last=False, model=base_model)
+    b_times, b_cpu, b_out = run_baseline(base, img, lab, zs, mask_to_box)
     b_dice = np.mean([dice(p, g) for z in zs[1:] for p, g in zip(b_out[z], gts[z])])
-    rows = [("baseline (per call, re-encode per box)", statistics.median(b_times), None, b_dice, 1.0)]
+    rows = [("baseline (per call, re-encode per box)", statistics.median(b_times), statistics.median(b_cpu),
+             None, b_dice, 1.0)]
     print(f"{rows[-1][0]}: {rows[-1][1]:.3f} s/slice, dice {b_dice:.4f}", flush=True)
     for name in args.variants:
         seg = build_segmenter("litemedsam", intensity="ct", model=load_litemedsam(), **VARIANTS[name])
-        times, enc, out = run_medssl(seg, img, lab, zs, mask_to_box)
+        times, cpu, enc, out = run_medssl(seg, img, lab, zs, mask_to_box)
         d = np.mean([dice(p, g) for z in zs[1:] for p, g in zip(out[z], gts[z])])
         agree = min(dice(p, q) for z in zs[1:] for p, q in zip(out[z], b_out[z]))
-        rows.append((name, statistics.median(times), statistics.median(enc), d, agree))
-        print(f"{name}: {rows[-1][1]:.3f} s/slice (encoder {rows[-1][2]:.3f}), dice {d:.4f}, "
+        rows.append((name, statistics.median(times), statistics.median(cpu), statistics.median(enc), d, agree))
+        print(f"{name}: {rows[-1][1]:.3f} s/slice (encoder {rows[-1][3]:.3f}), dice {d:.4f}, "
               f"agreement {agree:.4f}", flush=True)
 
     base_t = rows[0][1]
@@ -138,14 +141,17 @@ def main(argv=None) -> None:
         f"{len(zs) - 1} timed CT slices (ct_example, 122×101 → 256² model input), 3 boxes per slice "
         f"(liver, spleen, stomach ground-truth boxes), one warm-up slice. Model load {load_s:.1f} s.",
         "",
-        "| path | s / slice (3 boxes) | encoder s | speed-up | mean Dice vs labels | min Dice vs baseline masks |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| path | wall s / slice (3 boxes) | of which encoder | speed-up (wall) | CPU s / slice "
+        "(all threads) | mean Dice vs labels | min Dice vs baseline masks |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, t, e, d, a in rows:
-        lines.append(f"| {name} | {t:.3f} | {'' if e is None else f'{e:.3f}'} | {base_t / t:.1f}× | "
+    for name, t, c, e, d, a in rows:
+        lines.append(f"| {name} | {t:.3f} | {'' if e is None else f'{e:.3f}'} | {base_t / t:.1f}× | {c:.3f} | "
                      f"{d:.4f} | {a:.4f} |")
-    lines += ["", "Labels are TotalSegmentator outputs (model-generated): Dice shows agreement, not accuracy. "
-              "bf16 uses `torch.autocast` on CPU (fast with AMX / AVX512-BF16; slower without)."]
+    lines += ["", "CPU s = process CPU time summed over threads (less sensitive to other jobs than wall time). "
+              "Labels are TotalSegmentator outputs (model-generated): Dice shows agreement, not accuracy. "
+              "bf16 = `torch.autocast` of the encoder (fast with AMX / AVX512-BF16; slower without). "
+              "NCHW = `channels_last=False`."]
     text = "\n".join(lines)
     print(text)
     if args.write:

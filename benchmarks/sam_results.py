@@ -9,7 +9,8 @@ Every per-volume result is cached as JSON under ``--work`` (default ``runs/sam_b
 resumes and ``report`` only reads. Comparisons, all in the same run:
 
 * refinement: the coarse mask itself (no SAM) vs LiteMedSAM box refinement under several merge policies
-  (one SAM pass: all variants, box modes and policies share the per-slice embedding). On the CT example the
+  (one SAM pass: all variants, box modes -- one box per class, per component, per class grown by
+  2 px -- and policies share the per-slice embedding). On the CT example the
   coarse mask is the ground truth degraded in a seeded way (per organ: erosion or dilation by 1-2 px in
   plane, then an in-plane shift of up to 3 px; organs painted in label order), plus SAM on the untouched
   ground truth (what box prompting does to a perfect mask). On Hippocampus the coarse masks are the run's
@@ -49,6 +50,7 @@ STOP_RULES = {"IoU<0.3": {"iou_threshold": 0.3}, "IoU<0.5 (default)": {"iou_thre
               "IoU<0.7": {"iou_threshold": 0.7},
               "IoU<0.5 or area x<0.3 / >3": {"iou_threshold": 0.5, "min_area_ratio": 0.3, "max_area_ratio": 3.0}}
 COPY_WINDOW = 3
+BOX_MODES = {"global": {}, "per_component": {"box_mode": "per_component"}, "global_pad2": {"box_pad": 2}}
 
 
 def _segmenter():
@@ -91,7 +93,7 @@ def degrade(gt: np.ndarray, classes, seed: int) -> tuple[np.ndarray, dict]:
 
 
 def refine_sweep(norm, variants: dict[str, np.ndarray], gt, spacing, axis, seg, classes,
-                 box_modes=("global", "per_component")) -> dict[str, dict]:
+                 box_modes=("global", "per_component", "global_pad2")) -> dict[str, dict]:
     """Per coarse variant: scores of the coarse mask and of every (box mode, merge, IoU threshold) policy.
 
     All variants and box modes share one image embedding per slice (one SAM pass in total)."""
@@ -101,8 +103,8 @@ def refine_sweep(norm, variants: dict[str, np.ndarray], gt, spacing, axis, seg, 
     n = max(classes) + 1
     jobs = [(name, bm) for name in variants for bm in box_modes]
     t0 = time.perf_counter()
-    preds = predict_volume_multi(norm, [(variants[v], RefineConfig(box_mode=bm)) for v, bm in jobs], seg, axis,
-                                 classes=classes)
+    preds = predict_volume_multi(norm, [(variants[v], RefineConfig(**BOX_MODES[bm])) for v, bm in jobs], seg,
+                                 axis, classes=classes)
     n_emb = sum(any(p[z] is not None for p in preds) for z in range(len(preds[0])))
     sps = (time.perf_counter() - t0) / max(n_emb, 1)
     out = {v: {"coarse": _dice_hd(volume_scores(variants[v], gt, n, spacing, axis=axis), classes), "stats": {}}
@@ -110,7 +112,8 @@ def refine_sweep(norm, variants: dict[str, np.ndarray], gt, spacing, axis, seg, 
     for (v, bm), pr in zip(jobs, preds):
         out[v]["stats"][bm] = {**prediction_stats(pr), "seconds_per_slice": sps, "embeddings": n_emb}
         for merge, thr in POLICIES:
-            refined = merge_volume(variants[v], pr, RefineConfig(box_mode=bm, merge=merge, iou_threshold=thr), axis)
+            refined = merge_volume(variants[v], pr, RefineConfig(**BOX_MODES[bm], merge=merge, iou_threshold=thr),
+                                   axis)
             out[v][f"{bm}/{merge}/iou>={thr}"] = _dice_hd(volume_scores(refined, gt, n, spacing, axis=axis), classes)
     return out
 
@@ -127,7 +130,7 @@ def run_refine_ct(work: Path, seed: int) -> None:
         degraded, params = degrade(gt, classes, seed)
         norm = sam_intensity(image.array, "CT", DataConfig())
         res = refine_sweep(norm, {f"degraded_seed{seed}": degraded, "ground_truth": gt}, gt, image.spacing, 2,
-                           _segmenter(), classes)
+                           _segmenter(), classes, box_modes=("global", "per_component"))
         res[f"degraded_seed{seed}"]["degradation"] = params
         return res
     res = _json_cache(work / "refine_ct" / f"seed{seed}.json", job)

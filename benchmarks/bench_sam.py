@@ -10,7 +10,8 @@ input like every slice) on which liver, spleen and stomach are all present; one 
   re-encoded for each prompt (plain fp32 model, BatchNorm not fused); the straightforward use of
   upstream's ``medsam_inference`` (sam.md §1.4 quotes ≈ 1.9 s per call on 2 cores).
 * **medssl**: one ``set_image`` per slice, all boxes in one decoder batch, BatchNorm folded into
-  the convolutions; variants add ``channels_last`` and/or bfloat16 autocast.
+  the convolutions, channels_last memory (the default); variants: NCHW, bfloat16 autocast of the
+  encoder.
 
 Reported per variant: median seconds per slice (after one warm-up slice), encoder and decoder
 shares, mean Dice against the (model-generated) labels, and the minimum Dice between the variant's

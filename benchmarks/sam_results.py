@@ -14,7 +14,7 @@ resumes and ``report`` only reads. Comparisons, all in the same run:
   coarse mask is the ground truth degraded in a seeded way (per organ: erosion or dilation by 1-2 px in
   plane, then an in-plane shift of up to 3 px; organs painted in label order), plus SAM on the untouched
   ground truth (what box prompting does to a perfect mask). On Hippocampus the coarse masks are the run's
-  own test-fold predictions.
+  own test-fold predictions, and again the ground truth.
 * propagation: the LiteMedSAM box chain (a stand-in for SAM 2) under several stopping rules vs
   copying the annotated slice to every slice, to key +-3 slices, and the annotated slice alone. The key
   slice per class is the one with the largest area. The chain is run once with the permissive stop
@@ -162,9 +162,9 @@ def run_refine_runs(work: Path, runs: list[str], n_cases: int, seed: int) -> Non
                 image, label = read_case(info.case(case), info)
                 coarse = predictor.predict_volume(image)
                 norm = sam_intensity(image.array, info.modality, cfg.data)
-                res = refine_sweep(norm, {"pred": coarse}, label.array, image.spacing, cfg.data.axis, seg,
-                                   classes)["pred"]
-                res["budget_m"] = split.budget_m
+                res = refine_sweep(norm, {"pred": coarse, "gt": label.array}, label.array, image.spacing,
+                                   cfg.data.axis, seg, classes)
+                res["pred"]["budget_m"] = split.budget_m
                 return res
             _json_cache(work / "refine_runs" / run.path.name / f"{case}.json", job)
             print(f"refine-runs {run.path.name} {case}: done", flush=True)
@@ -297,10 +297,15 @@ def report(work: Path, results: Path = RESULTS, benchmarks_md: bool = True) -> s
         md, all_rows = [], []
         for run in runs:
             res = [json.loads(f.read_text()) for f in sorted(run.glob("*.json"))]
-            rows, text = _policy_table(res, {1: "Anterior", 2: "Posterior"},
-                                       f"Hippocampus run {run.name} (M={res[0].get('budget_m')})")
-            all_rows += [{"run": run.name, **row} for row in rows]
+            rows, text = _policy_table([r["pred"] for r in res], {1: "Anterior", 2: "Posterior"},
+                                       f"Hippocampus run {run.name} (M={res[0]['pred'].get('budget_m')})")
+            all_rows += [{"run": run.name, "coarse": "prediction", **row} for row in rows]
             md.append(text)
+        res = [json.loads(f.read_text()) for f in sorted(runs[0].glob("*.json"))]
+        rows, text = _policy_table([r["gt"] for r in res], {1: "Anterior", 2: "Posterior"},
+                                   "Hippocampus, coarse = ground truth (boxes from the true masks)")
+        all_rows += [{"run": "-", "coarse": "ground truth", **row} for row in rows]
+        md.append(text)
         _write(results, "sam_refine_runs", all_rows, "\n\n".join(md))
         parts.append("### Refinement, Hippocampus predictions\n\n" + "\n\n".join(md))
     prop = work / "propagate"

@@ -21,7 +21,7 @@ resumes and ``report`` only reads. Comparisons, all in the same run:
   IoU < 0.3 and replayed with the stricter rules (identical to separate runs). Test-fold volumes (fold 0
   of the ``hippocampus`` preset) are sampled with ``numpy.random.default_rng(seed)``.
 
-Timings are provisional (a shared 2-core CPU).
+Latency is not reported here (these runs shared the CPU with training jobs); ``bench_sam.py`` measures it.
 """
 
 from __future__ import annotations
@@ -264,14 +264,13 @@ def _policy_table(results: list[dict], names: dict[int, str], title: str) -> tup
         defined = [m for m in means if m is not None]
         lines.append(f"| {pol} | " + " | ".join(cells) + f" | {statistics.mean(defined):.3f} |")
     emb = sum(next(iter(r["stats"].values()))["embeddings"] for r in results)
-    sps = statistics.mean(next(iter(r["stats"].values()))["seconds_per_slice"] for r in results)
     modes = list(results[0]["stats"])
     boxes = {m: sum(r["stats"][m]["boxes"] for r in results) for m in modes}
     ious = {m: statistics.mean(r["stats"][m]["mean_predicted_iou"] for r in results
                                if r["stats"][m]["mean_predicted_iou"] is not None) for m in modes}
     lines += ["", f"LiteMedSAM: {emb} slice embeddings (shared by every box mode and policy); boxes "
                   + ", ".join(f"{m} {boxes[m]} (mean predicted IoU {ious[m]:.3f})" for m in modes)
-                  + f"; {sps:.1f} s wall per embedding (provisional, shared CPU)."]
+                  + ". Latency: see the SAM speed section of BENCHMARKS.md (these runs shared the CPU)."]
     return rows, "\n".join(lines)
 
 
@@ -329,8 +328,7 @@ def report(work: Path, results: Path = RESULTS, benchmarks_md: bool = True) -> s
                               "dice": r["methods"][m]["dice"][c], "hd95": r["methods"][m]["hd95"][c],
                               "key_slice": r["key_slices"][c]} for c in names]
             calls = sum(r["set_image_calls"] for r in res)
-            secs = sum(r["seconds"] for r in res)
-            lines += ["", f"{calls} slice embeddings, {secs / max(calls, 1):.2f} s per slice (provisional)."]
+            lines += ["", f"{calls} slice embeddings (latency: BENCHMARKS.md, SAM speed section)."]
             md.append("\n".join(lines))
         _write(results, "sam_propagate", rows, "\n\n".join(md))
         parts.append("### Propagation from one annotated slice (LiteMedSAM box chain, a stand-in for SAM 2)\n\n"

@@ -7,6 +7,7 @@ import csv
 import pytest
 import yaml
 
+from medssl.config import load_config
 from medssl.errors import ConfigError
 from medssl.report.experiment import load_experiment, run_experiment
 from medssl.report.tables import paired_test, results_table
@@ -87,7 +88,54 @@ def test_method_entries_with_overrides_init_and_presets(phantom_root, tmp_path):
         path.write_text(yaml.safe_dump({**spec, "methods": methods}))
         with pytest.raises(ConfigError, match=needle):
             load_experiment(path)
-    for name in ("hippocampus_cpu", "hippocampus_paper"):  # the packaged experiments load
-        assert len(method_entries(load_experiment(name))) == 7
+    for name, n in (("hippocampus_cpu", 9), ("hippocampus_paper", 7)):  # the packaged experiments load
+        assert len(method_entries(load_experiment(name))) == n
+    kaf = {e.name: e for e in method_entries(load_experiment("hippocampus_cpu"))}["kaf-random"]
+    assert kaf.method == "random" and kaf.base == "kaf_hippocampus"
     with pytest.raises(ConfigError, match="packaged experiments"):
         load_experiment("no_such_experiment")
+
+
+def test_entry_base_and_sam_rows(phantom_root, tmp_path, monkeypatch):
+    """A method entry with its own base preset; "+SAM" rows from the refinement post-step (box double)."""
+    import medssl.sam.segmenter as segmod
+    from test_sam_refine import BoxSegmenter
+
+    monkeypatch.setattr(segmod, "build_segmenter", lambda *a, **k: BoxSegmenter())
+    cache = f"data.cache_dir={tmp_path / 'c'}"
+    spec = {"base": "demo", "data": str(phantom_root), "output_dir": str(tmp_path / "exp"),
+            "methods": ["random", {"name": "sgd", "method": "random", "base": "ct",
+                                   "finetune": ["train.optimizer=sgd", "train.momentum=0.5"]}],
+            "budgets": [1], "seeds": [0, 1], "finetune": [*TINY, cache],
+            "sam_methods": ["random"], "sam_cases": 1, "sam": {"box_mode": "per_component"}}
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    rows = run_experiment(load_experiment(path), progress_print=lambda _: None)
+    assert [r["method"] for r in rows] == ["random", "random", "sgd", "sgd"]
+    cell = yaml.safe_load((tmp_path / "exp" / "cells" / "sgd-f0-m1-s0" / "config.yaml").read_text())
+    assert cell["name"] == "sgd-f0-m1-s0" and cell["train"]["optimizer"] == "sgd" and cell["train"]["momentum"] == 0.5
+    assert cell["data"]["fit"] == "resize" and load_config("demo").data.fit == "pad"  # its own base preset
+    with open(tmp_path / "exp" / "results_sam.csv") as fh:
+        sam = list(csv.DictReader(fh))
+    assert [r["method"] for r in sam] == ["random", "random+SAM"] * 2
+    assert all(r["n_test"] == "1" for r in sam) and any(k.startswith("dice_") and k != "dice_mean" for k in sam[0])
+    table = (tmp_path / "exp" / "results_sam.md").read_text()
+    assert "| random+SAM |" in table and "random: gain" in table and "Per class" in table
+    for bad, needle in (({"sam_methods": ["nope"]}, "sam_methods"), ({"sam": {"merg": "union"}}, "merg"),
+                        ({"sam": {"merge": "xor"}}, "merge")):
+        path.write_text(yaml.safe_dump({**spec, "sam_methods": ["random"], **bad}))
+        with pytest.raises(ConfigError, match=needle):
+            load_experiment(path)
+
+
+def test_sgd_optimizer():
+    import torch
+
+    from medssl.config import TrainConfig
+    from medssl.engine.trainer import build_optimizer
+
+    opt = build_optimizer(TrainConfig(optimizer="sgd", lr=0.002, momentum=0.9, weight_decay=1e-5),
+                          [torch.nn.Parameter(torch.zeros(2))])
+    assert isinstance(opt, torch.optim.SGD) and opt.defaults["momentum"] == 0.9 and opt.defaults["lr"] == 0.002
+    with pytest.raises(ConfigError, match="train.optimizer"):
+        load_config("demo", overrides=["train.optimizer=lamb"])

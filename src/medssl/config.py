@@ -81,7 +81,8 @@ class TrainConfig:
     epochs: int = 30
     steps_per_epoch: int = 0  # 0 = one pass over the labelled slices
     batch_size: int = 16
-    optimizer: str = "adamw"  # "adam" or "adamw"
+    optimizer: str = "adamw"  # "adam", "adamw" or "sgd" (Nesterov off; momentum below)
+    momentum: float = 0.9  # SGD only (KAF pretraining: SGD 0.9, lr 0.002)
     lr: float = 2e-3
     min_lr: float = 1e-5
     warmup_steps: int = 0
@@ -359,7 +360,7 @@ def validate(cfg: Config) -> None:
     choices = {
         "data.fit": (cfg.data.fit, ("pad", "resize")),
         "data.mri_mode": (cfg.data.mri_mode, ("zscore", "minmax")),
-        "train.optimizer": (cfg.train.optimizer, ("adam", "adamw")),
+        "train.optimizer": (cfg.train.optimizer, ("adam", "adamw", "sgd")),
         "train.amp": (cfg.train.amp, ("auto", "bf16", "off")),
         "train.init_mode": (cfg.train.init_mode, ("encoder", "full")),
         "split.budget_mode": (cfg.split.budget_mode, ("nested", "legacy")),

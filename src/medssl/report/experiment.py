@@ -6,7 +6,7 @@
     methods: [random, simclr, pcl]    # "random" = no pretraining
     # an entry may also be a mapping: a display name, the pretraining method (or random) and overrides
     # applied to both its pretraining and its cells, e.g. another backbone:
-    #   - {name: kaf-random, method: random, overrides: ["model.backbone=kaf-unet"]}
+    #   - {name: kaf-random, method: random, base: kaf_hippocampus}
     budgets: [1, 2, 5]
     seeds: [0, 1, 2]
     folds: [0]
@@ -19,6 +19,15 @@
 test fold. Finished runs are skipped and a killed run is resumed, so a killed experiment continues
 where it stopped. Outputs: ``results.csv``, ``results.md`` (mean ± sd per method and M, with a
 paired Wilcoxon test of each method against random init) and ``dice_vs_m.png``.
+
+With ``sam_methods`` set, each listed method's cells also get a "+SAM" row: the cell's test predictions are
+refined with LiteMedSAM box prompts (:mod:`medssl.sam.experiment_step`, settings in ``sam``) and scored
+against the same cases before and after, in ``results_sam.csv`` / ``results_sam.md``::
+
+    sam_methods: [random, pcl]
+    sam_budgets: [1, 2]
+    sam_cases: 20                     # first 20 test cases of each cell (0 = all)
+    sam: {merge: replace, iou_threshold: 0.0, box_pad: 0}
 """
 
 from __future__ import annotations
@@ -37,7 +46,7 @@ from medssl.engine.pretrain import pretrain
 from medssl.errors import ConfigError
 from medssl.evaluation.evaluate import evaluate_run
 from medssl.methods import available_methods
-from medssl.report.tables import results_table, save_plot
+from medssl.report.tables import results_table, sam_table, save_plot
 
 
 @dataclass
@@ -52,6 +61,11 @@ class ExperimentConfig:
     pretrain: list[str] = field(default_factory=list)
     finetune: list[str] = field(default_factory=list)
     legacy_metrics: bool = False
+    # "+SAM" post-step (medssl.sam): refine each listed method's test predictions with LiteMedSAM box prompts
+    sam_methods: list = field(default_factory=list)  # method names, or ["all"]; empty = no refinement
+    sam_budgets: list = field(default_factory=list)  # budgets to refine (empty = all)
+    sam_cases: int = 0  # refine the first N test cases of each cell (0 = all); coarse is scored on the same N
+    sam: dict = field(default_factory=dict)  # RefineConfig fields, e.g. {merge: union, iou_threshold: 0.8}
 
 
 EXPERIMENT_PRESETS = Path(__file__).resolve().parents[1] / "configs" / "experiments"
@@ -65,6 +79,7 @@ class MethodEntry:
     pretrain: list[str] = field(default_factory=list)  # ... for its pretraining only
     finetune: list[str] = field(default_factory=list)  # ... for its cells only
     init: str = ""  # reuse this pretrained checkpoint instead of pretraining ("{fold}" is replaced)
+    base: str = ""  # another preset or file for this entry's runs (default: the experiment's base)
 
 
 def method_entries(exp: ExperimentConfig) -> list[MethodEntry]:
@@ -108,7 +123,57 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Exp
     names = [e.name for e in entries]
     if len(set(names)) != len(names):
         raise ConfigError(f"{path}: method names must be unique, got {names}")
+    bad = [m for m in cfg.sam_methods if m != "all" and m not in names]
+    if bad:
+        raise ConfigError(f"{path}: sam_methods {bad} are not in methods ({', '.join(names)})")
+    if cfg.sam_methods:
+        _refine_config(cfg)  # unknown or ill-typed sam.* keys fail here, before any training
     return cfg
+
+
+def _refine_config(exp: ExperimentConfig):
+    from medssl.sam.refine import RefineConfig
+
+    rc = build_dataclass(RefineConfig, dict(exp.sam), "sam.")
+    try:
+        rc.validate()
+    except ValueError as exc:
+        raise ConfigError(f"sam: {exc}") from None
+    return rc
+
+
+def _sam_rows(exp: ExperimentConfig, run_dir: Path, row: dict) -> list[dict]:
+    """The "+SAM" post-step of one cell: a coarse row and a refined row, scored on the same test cases."""
+    from medssl.sam.experiment_step import refine_run
+
+    cases = None
+    if exp.sam_cases:
+        cases = sorted(json.loads((run_dir / "splits.json").read_text())["test"])[:exp.sam_cases]
+    result = refine_run(run_dir, _refine_config(exp), cases=cases)
+    out = []
+    for name, when in ((row["method"], "before"), (f"{row['method']}+SAM", "after")):
+        r = {k: row[k] for k in ("fold", "budget", "M", "seed")}
+        r.update(method=name, dice_mean=result[when]["dice_mean"], hd95_mean=result[when]["hd95_mean"],
+                 n_test=len(result["cases"]))
+        for cls, pc in result["per_class"].items():
+            r[f"dice_{cls}"] = pc[f"dice_{when}"]
+        out.append(r)
+    return out
+
+
+def _wants_sam(exp: ExperimentConfig, method: str, budget) -> bool:
+    return bool(exp.sam_methods) and ("all" in exp.sam_methods or method in exp.sam_methods) and (
+        not exp.sam_budgets or budget in exp.sam_budgets)
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(path)
 
 
 def _run_once(runner, run_dir: Path, cfg, done: Path):
@@ -123,7 +188,7 @@ def run_experiment(exp: ExperimentConfig, progress_print=print) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     (out / "experiment.yaml").write_text(yaml.safe_dump(dataclasses.asdict(exp), sort_keys=False))
     common = [f"data.path={exp.data}"] if exp.data else []
-    rows = []
+    rows, sam_rows = [], []
     for fold in exp.folds:
         for entry in method_entries(exp):
             method, own = entry.name, entry.overrides
@@ -134,7 +199,7 @@ def run_experiment(exp: ExperimentConfig, progress_print=print) -> list[dict]:
                     raise ConfigError(f"methods[{method}].init: checkpoint not found: {init}")
             elif entry.method != "random":
                 name = f"{method}-f{fold}"
-                cfg = load_config(exp.base, overrides=[*common, *exp.pretrain, *own, *entry.pretrain,
+                cfg = load_config(entry.base or exp.base, overrides=[*common, *exp.pretrain, *own, *entry.pretrain,
                                                        f"output_dir={out / 'pretrain'}", f"name={name}",
                                                        f"pretrain.method={entry.method}", f"split.fold={fold}"])
                 run_dir = out / "pretrain" / name
@@ -145,10 +210,11 @@ def run_experiment(exp: ExperimentConfig, progress_print=print) -> list[dict]:
                     name = f"{method}-f{fold}-m{budget}-s{seed}"
                     run_dir = out / "cells" / name
                     extra = [f"train.init={init}"] if init else []
-                    cfg = load_config(exp.base, overrides=[*common, *exp.finetune, *own, *entry.finetune, *extra,
-                                                           f"output_dir={out / 'cells'}", f"name={name}",
-                                                           f"split.fold={fold}", f"split.budget={budget}",
-                                                           f"split.budget_seed={seed}", f"train.seed={seed}"])
+                    base = entry.base or exp.base
+                    cfg = load_config(base, overrides=[*common, *exp.finetune, *own, *entry.finetune, *extra,
+                                                       f"output_dir={out / 'cells'}", f"name={name}",
+                                                       f"split.fold={fold}", f"split.budget={budget}",
+                                                       f"split.budget_seed={seed}", f"train.seed={seed}"])
                     _run_once(finetune, run_dir, cfg, run_dir / "train_state.json")
                     if not (run_dir / "metrics.json").is_file():
                         evaluate_run(run_dir, progress=False)
@@ -161,10 +227,13 @@ def run_experiment(exp: ExperimentConfig, progress_print=print) -> list[dict]:
                         row["slice_mean_dice"] = m["slice_mean_dice"]["mean"]
                     rows.append(row)
                     progress_print(json.dumps(row))
-    with open(out / "results.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+                    if _wants_sam(exp, method, budget):
+                        sam_rows += _sam_rows(exp, run_dir, row)
+                        progress_print(json.dumps(sam_rows[-1]))
+    _write_csv(out / "results.csv", rows)
     (out / "results.md").write_text(results_table(rows) + "\n")
     save_plot(rows, out / "dice_vs_m.png")
+    if sam_rows:
+        _write_csv(out / "results_sam.csv", sam_rows)
+        (out / "results_sam.md").write_text(sam_table(sam_rows) + "\n")
     return rows

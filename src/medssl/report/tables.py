@@ -57,6 +57,46 @@ def results_table(rows: list[dict], key: str = "dice_mean") -> str:
     return "\n".join(lines)
 
 
+def sam_table(rows: list[dict]) -> str:
+    """Markdown for the "+SAM" post-step: per method and M, Dice of the coarse predictions and of their
+    refinement on the same test cases, the paired gain (pairs: fold and seed), then the gain per class."""
+    bases = [m for m in dict.fromkeys(r["method"] for r in rows) if not m.endswith("+SAM")]
+    budgets = sorted({r["M"] for r in rows})
+    classes = [k[5:] for k in dict.fromkeys(k for r in rows for k in r) if k.startswith("dice_") and k != "dice_mean"]
+    n = sorted({r["n_test"] for r in rows})
+    lines = [f"SAM refinement of each cell's test predictions ({', '.join(map(str, n))} test volumes per cell): "
+             "per-volume 3D Dice, mean ± sd over folds × seeds; Δ = paired mean gain, Wilcoxon p.", "",
+             "| method | " + " | ".join(f"M={m}" for m in budgets) + " |", "|---|" + "---|" * len(budgets)]
+    gains = {}
+    for method in bases:
+        for name in (method, f"{method}+SAM"):
+            cells = [_mean_sd([r["dice_mean"] for r in rows if r["method"] == name and r["M"] == m])
+                     for m in budgets]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        cells = []
+        for m in budgets:
+            before = {(r["fold"], r["seed"]): r for r in rows if r["method"] == method and r["M"] == m}
+            pairs = [(r, before[(r["fold"], r["seed"])]) for r in rows
+                     if r["method"] == f"{method}+SAM" and r["M"] == m and (r["fold"], r["seed"]) in before]
+            gains[(method, m)] = pairs
+            diff = np.array([a["dice_mean"] - b["dice_mean"] for a, b in pairs], dtype=float)
+            if not len(diff):
+                cells.append("–")
+                continue
+            p = float(wilcoxon(diff).pvalue) if len(diff) > 1 and np.any(diff != 0) else None
+            cells.append(f"Δ {diff.mean():+.3f}, p={'n/a' if p is None else f'{p:.2f}'} (n={len(diff)})")
+        lines.append(f"| {method}: gain | " + " | ".join(cells) + " |")
+    if classes:
+        lines += ["", "Per class: coarse → refined (mean over folds × seeds)", "",
+                  "| method | M | " + " | ".join(classes) + " |", "|---|---|" + "---|" * len(classes)]
+        for (method, m), pairs in gains.items():
+            if pairs:
+                cells = [f"{np.mean([b[f'dice_{c}'] for _, b in pairs]):.3f} → "
+                         f"{np.mean([a[f'dice_{c}'] for a, _ in pairs]):.3f}" for c in classes]
+                lines.append(f"| {method} | {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def save_plot(rows: list[dict], path: str | Path, key: str = "dice_mean") -> Path:
     import matplotlib
 

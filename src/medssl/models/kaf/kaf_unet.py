@@ -145,6 +145,8 @@ class KAFUNetEncoder(nn.Module):
 class KAFSegmentationModel(SegmentationModel):
     """encoder (KAF) -> decoder -> head; ``forward(x, keypoints=None)`` (SIFT on ``x`` when None)."""
 
+    ddp_find_unused = True  # a batch without keypoints on one rank skips that rank's attention layers
+
     def forward(self, x: Tensor, keypoints: Keypoints | None = None) -> Tensor:
         return self.head(self.decoder(self.encoder(x, keypoints)))
 

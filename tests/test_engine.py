@@ -172,3 +172,26 @@ def test_init_from_checkpoint_encoder_full_and_mismatch(tmp_path):
         init_from_checkpoint(wider, str(path), "encoder", "unet")
     with pytest.raises(ConfigError, match="backbone"):
         init_from_checkpoint(wider, str(path), "encoder", "monai-basicunet")
+
+
+def test_resume_before_first_checkpoint_still_applies_init(tiny_data, tmp_path, monkeypatch):
+    """A run killed before its first checkpoint has nothing to resume from: --resume must start it again *with*
+    its pretrained init (it used to start from random weights, silently)."""
+    from medssl.engine import finetune as ft
+
+    base = [f"data.path={tiny_data}", *TINY, "train.epochs=1", "train.steps_per_epoch=3", "train.deterministic=true",
+            f"output_dir={tmp_path}", f"data.cache_dir={tmp_path / 'cache'}"]
+    ft.finetune(load_config("demo", overrides=[*base, "name=source", "train.lr=0.05"]), progress=False)
+    init = [f"train.init={tmp_path / 'source' / 'checkpoints' / 'last.pt'}"]
+    ft.finetune(load_config("demo", overrides=[*base, *init, "name=fresh"]), progress=False)
+
+    real_fit = ft.Trainer.fit
+    monkeypatch.setattr(ft.Trainer, "fit", lambda self, resume=False: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):  # "killed" after the run folder exists, before any checkpoint
+        ft.finetune(load_config("demo", overrides=[*base, *init, "name=killed"]), progress=False)
+    killed = tmp_path / "killed"
+    assert (killed / "config.yaml").is_file() and not (killed / "checkpoints" / "last.pt").exists()
+    monkeypatch.setattr(ft.Trainer, "fit", real_fit)
+    ft.finetune(load_config("demo", overrides=[*base, *init, "name=killed"]), resume=True, progress=False)
+    a, b = _weights(tmp_path / "fresh" / "checkpoints" / "last.pt"), _weights(killed / "checkpoints" / "last.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -163,7 +163,7 @@ def finetune(cfg: Config, *, resume: bool = False, progress: bool = True) -> Pat
 
     model = build_model(cfg.model.backbone, in_channels=1, n_classes=cache.n_classes,
                         features=cfg.model.features, **cfg.model.options)
-    if cfg.train.init and not resume:
+    if cfg.train.init and not (resume and run.last.is_file()):  # a run killed before its first checkpoint
         init_from_checkpoint(model, cfg.train.init, cfg.train.init_mode, cfg.model.backbone)
     if cfg.train.freeze_encoder:  # frozen transfer: the optimiser only sees decoder and head
         for p in model.encoder.parameters():

@@ -135,10 +135,7 @@ def _refine_config(exp: ExperimentConfig):
     from medssl.sam.refine import RefineConfig
 
     rc = build_dataclass(RefineConfig, dict(exp.sam), "sam.")
-    try:
-        rc.validate()
-    except ValueError as exc:
-        raise ConfigError(f"sam: {exc}") from None
+    rc.validate()  # ConfigError naming the option
     return rc
 
 
@@ -191,7 +188,7 @@ def run_experiment(exp: ExperimentConfig, progress_print=print) -> list[dict]:
     rows, sam_rows = [], []
     for fold in exp.folds:
         for entry in method_entries(exp):
-            method, own = entry.name, entry.overrides
+            method, own, base = entry.name, entry.overrides, entry.base or exp.base
             init = None
             if entry.init:
                 init = Path(entry.init.replace("{fold}", str(fold))).expanduser()
@@ -199,9 +196,9 @@ def run_experiment(exp: ExperimentConfig, progress_print=print) -> list[dict]:
                     raise ConfigError(f"methods[{method}].init: checkpoint not found: {init}")
             elif entry.method != "random":
                 name = f"{method}-f{fold}"
-                cfg = load_config(entry.base or exp.base, overrides=[*common, *exp.pretrain, *own, *entry.pretrain,
-                                                       f"output_dir={out / 'pretrain'}", f"name={name}",
-                                                       f"pretrain.method={entry.method}", f"split.fold={fold}"])
+                cfg = load_config(base, overrides=[*common, *exp.pretrain, *own, *entry.pretrain,
+                                                   f"output_dir={out / 'pretrain'}", f"name={name}",
+                                                   f"pretrain.method={entry.method}", f"split.fold={fold}"])
                 run_dir = out / "pretrain" / name
                 _run_once(pretrain, run_dir, cfg, run_dir / "train_state.json")
                 init = run_dir / "checkpoints" / "last.pt"
@@ -210,7 +207,6 @@ def run_experiment(exp: ExperimentConfig, progress_print=print) -> list[dict]:
                     name = f"{method}-f{fold}-m{budget}-s{seed}"
                     run_dir = out / "cells" / name
                     extra = [f"train.init={init}"] if init else []
-                    base = entry.base or exp.base
                     cfg = load_config(base, overrides=[*common, *exp.finetune, *own, *entry.finetune, *extra,
                                                        f"output_dir={out / 'cells'}", f"name={name}",
                                                        f"split.fold={fold}", f"split.budget={budget}",

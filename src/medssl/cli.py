@@ -52,16 +52,39 @@ def prepare(ctx: typer.Context, config: Optional[str] = ConfigOpt, data: Optiona
 
 @app.command()
 def check(data_dir: str = typer.Argument(..., help="dataset folder"),
-          modality: Optional[str] = typer.Option(None, help="override the modality (CT or MRI)")):
-    """Report every problem of a dataset at once (exit 1 if there is any)."""
-    from medssl.data.check import run_check
+          modality: Optional[str] = typer.Option(None, help="override the modality (CT or MRI)"),
+          axis: int = typer.Option(2, "--axis", help="slicing axis for the flip check (data.axis)"),
+          flip_axes: str = typer.Option("0,1", "--flip-axes", help="slice axes the augmentation flips (aug.flip_axes)")):
+    """Report every problem of a dataset at once (exit 1 if there is any); warn about unsafe flips."""
+    from medssl.data.check import flip_warnings, run_check
 
     result = run_check(data_dir, modality=modality)
     for problem in result.problems:
         typer.echo(str(problem))
+    if not result.problems:
+        for line in flip_warnings(data_dir, axis=axis, flip_axes=_int_list(flip_axes, "--flip-axes"),
+                                  modality=modality):
+            typer.echo(f"warning: {line}")
     typer.echo(f"{result.n_cases} cases ({result.n_labelled} labelled, {result.n_unlabelled} unlabelled): "
                f"{len(result.problems)} problem(s)")
     raise typer.Exit(1 if result.problems else 0)
+
+
+@app.command()
+def plan(data: str = typer.Option(..., "--data", "-d", help="dataset folder"),
+         output: str = typer.Option("plan.yaml", "--output", "-o", help="the plan (a config file)"),
+         budget: str = typer.Option("cpu", "--budget", help="cpu or gpu: sizes canvas, patch, width and batch"),
+         hours: Optional[float] = typer.Option(None, "--hours", help="time for one fine-tuning run "
+                                                                     "(default 0.25 on cpu, 1 on gpu)"),
+         modality: Optional[str] = typer.Option(None, help="override the modality (CT or MRI)")):
+    """Derive a configuration from the dataset's fingerprint, with the reason for each value."""
+    from medssl.planning import write_plan
+
+    out, planned = write_plan(data, output, budget=budget, hours=hours, modality=modality)
+    for line in planned.warnings:
+        typer.echo(f"warning: {line}")
+    typer.echo(Path(out).read_text())
+    typer.echo(f"wrote {out} (and {out.name}.fingerprint.json); use it as --config {out}")
 
 
 @app.command(context_settings=EXTRA)

@@ -29,6 +29,8 @@ class DataConfig:
     axis: int = 2  # slicing axis in canonical RAS orientation (2 = axial)
     size: int = 64  # target in-plane size (square); must be divisible by 16
     fit: str = "pad"  # "pad": pad (downscale only if larger); "resize": scale to fit, keep aspect, pad
+    spacing: list[float] = field(default_factory=list)  # in-plane target spacing (mm) [rows, cols]; [] = native
+    crop: str = "none"  # "none" or "foreground": crop each volume in-plane to its body bounding box first
     ct_window: list[float] = field(default_factory=lambda: [-160.0, 240.0])
     mri_percentiles: list[float] = field(default_factory=lambda: [0.5, 99.5])
     mri_mode: str = "zscore"  # "zscore" or "minmax"
@@ -99,6 +101,7 @@ class TrainConfig:
     freeze_encoder: bool = False  # fine-tune decoder and head only (encoder weights and BatchNorm statistics fixed)
     foreground_oversample: float = 0.0  # fraction of each batch drawn from slices containing foreground
     threads: int = 0  # torch.set_num_threads (0 = leave the default)
+    patch_size: int = 0  # square training patch cut from the data.size canvas (0 = the whole canvas)
 
 
 @dataclass
@@ -171,6 +174,8 @@ class EvalConfig:
     batch_size: int = 32
     hd95: bool = True
     save_predictions: bool = False
+    sw_overlap: float = 0.5  # sliding-window inference overlap, used when train.patch_size < data.size
+    sw_mode: str = "gaussian"  # window blending: "gaussian" or "constant" (MONAI sliding_window_inference)
 
 
 @dataclass
@@ -360,6 +365,8 @@ def validate(cfg: Config) -> None:
     choices = {
         "data.fit": (cfg.data.fit, ("pad", "resize")),
         "data.mri_mode": (cfg.data.mri_mode, ("zscore", "minmax")),
+        "data.crop": (cfg.data.crop, ("none", "foreground")),
+        "eval.sw_mode": (cfg.eval.sw_mode, ("gaussian", "constant")),
         "train.optimizer": (cfg.train.optimizer, ("adam", "adamw", "sgd")),
         "train.amp": (cfg.train.amp, ("auto", "bf16", "off")),
         "train.init_mode": (cfg.train.init_mode, ("encoder", "full")),
@@ -370,6 +377,14 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"config key '{key}' must be one of {allowed}, got {value!r}")
     if cfg.data.size <= 0 or cfg.data.size % 16:
         raise ConfigError(f"config key 'data.size' must be a positive multiple of 16, got {cfg.data.size}")
+    if cfg.data.spacing and (len(cfg.data.spacing) != 2 or not all(v > 0 for v in cfg.data.spacing)):
+        raise ConfigError(f"config key 'data.spacing' must be [] or two positive mm values, got {cfg.data.spacing}")
+    p = cfg.train.patch_size
+    if p and (p < 0 or p % 16 or p > cfg.data.size):
+        raise ConfigError(f"config key 'train.patch_size' must be 0 or a multiple of 16 no larger than data.size "
+                          f"({cfg.data.size}), got {p}")
+    if not 0 <= cfg.eval.sw_overlap < 1:
+        raise ConfigError(f"config key 'eval.sw_overlap' must lie in [0, 1), got {cfg.eval.sw_overlap}")
     if cfg.data.axis not in (0, 1, 2):
         raise ConfigError(f"config key 'data.axis' must be 0, 1 or 2, got {cfg.data.axis}")
     if len(cfg.data.ct_window) != 2 or cfg.data.ct_window[0] >= cfg.data.ct_window[1]:

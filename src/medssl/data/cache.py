@@ -31,10 +31,10 @@ from medssl.data.cases import Case, DatasetInfo
 from medssl.data.intensity import normalize
 from medssl.data.layouts import open_dataset
 from medssl.data.readers import read_case
-from medssl.data.slicing import SliceFit, volume_slices
+from medssl.data.slicing import SliceFit, foreground_box, volume_slices
 from medssl.errors import DataError
 
-CACHE_VERSION = 2  # 2: labels resized with centre-aligned nearest (cv2.INTER_NEAREST_EXACT)
+CACHE_VERSION = 3  # 3: crop / spacing; images resized cubic, labels linear on one-hot (2: nearest-exact labels)
 
 
 def case_fingerprint(case: Case) -> list:
@@ -61,6 +61,8 @@ def preprocess_settings(data: DataConfig, info: DatasetInfo) -> dict:
         "axis": data.axis,
         "size": data.size,
         "fit": data.fit,
+        "spacing": [float(v) for v in data.spacing],
+        "crop": data.crop,
         "ct_window": list(data.ct_window),
         "mri_percentiles": list(data.mri_percentiles),
         "mri_mode": data.mri_mode,
@@ -82,11 +84,31 @@ def normalize_volume(array: np.ndarray, modality: str, data: DataConfig) -> np.n
                      mri_percentiles=tuple(data.mri_percentiles), mri_mode=data.mri_mode)
 
 
-def volume_to_slices(image: np.ndarray, label: np.ndarray | None, data: DataConfig
+def in_plane(values, axis: int) -> tuple:
+    """The two in-plane entries (rows, columns of a slice) of a per-axis triple."""
+    return tuple(v for i, v in enumerate(values) if i != axis)
+
+
+def slice_fit(image: np.ndarray, spacing, data: DataConfig) -> SliceFit:
+    """The fit of this normalised canonical volume's slices: crop box, resampling zoom, canvas."""
+    _, h, w = volume_slices(image, data.axis).shape
+    zoom = (1.0, 1.0)
+    if data.spacing:
+        if spacing is None:
+            raise DataError("data.spacing is set but the volume's spacing is unknown")
+        zoom = tuple(float(s) / float(t) for s, t in zip(in_plane(spacing, data.axis), data.spacing))
+    crop = foreground_box(image, data.axis) if data.crop == "foreground" else None
+    return SliceFit(h, w, data.size, data.fit, zoom=zoom, crop=crop)
+
+
+def volume_to_slices(image: np.ndarray, label: np.ndarray | None, data: DataConfig, spacing=None
                      ) -> tuple[np.ndarray, np.ndarray | None, SliceFit]:
-    """Normalised canonical volume -> fitted slices (Z, S, S) (and labels), with the fit used."""
+    """Normalised canonical volume -> fitted slices (Z, S, S) (and labels), with the fit used.
+
+    ``spacing`` (mm per canonical axis) is needed when ``data.spacing`` asks for resampling.
+    """
     img = volume_slices(image, data.axis)
-    fit = SliceFit(img.shape[1], img.shape[2], data.size, data.fit)
+    fit = slice_fit(image, spacing, data)
     fill = float(image.min()) if image.size else 0.0
     xs = np.stack([fit.forward(s, fill=fill) for s in img]).astype(np.float32)
     ys = None
@@ -201,7 +223,7 @@ def _build(data: DataConfig, info: DatasetInfo, out: Path, progress: bool) -> No
         for case in tqdm(info.cases, desc="prepare", unit="case", disable=None if progress else True):
             image, label = read_case(case, info)
             norm = normalize_volume(image.array, info.modality, data)
-            xs, ys, fit = volume_to_slices(norm, None if label is None else label.array, data)
+            xs, ys, fit = volume_to_slices(norm, None if label is None else label.array, data, image.spacing)
             if ys is None:
                 ys = np.zeros(xs.shape, np.uint8)
             fi.write(np.ascontiguousarray(xs, np.float32).tobytes())
@@ -214,7 +236,9 @@ def _build(data: DataConfig, info: DatasetInfo, out: Path, progress: bool) -> No
                                 + [int(p) for p in pres])
             spans[case.case_id] = [row, row + z]
             volumes[case.case_id] = {"shape": list(image.shape), "spacing": list(image.spacing),
-                                     "labelled": label is not None}
+                                     "labelled": label is not None, "crop": fit.crop,
+                                     "zoom": [round(float(v), 6) for v in fit.zoom],
+                                     "fit_shape": list(fit.scaled_shape)}
             row += z
     meta = {
         "dataset": info.name or Path(info.root).name,

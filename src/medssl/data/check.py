@@ -161,3 +161,17 @@ def summarize(info: DatasetInfo) -> dict:
         out["spacing_min"] = tuple(round(float(v), 4) for v in np.min(spacings, axis=0))
         out["spacing_max"] = tuple(round(float(v), 4) for v in np.max(spacings, axis=0))
     return out
+
+
+def flip_warnings(path_or_info: str | Path | DatasetInfo, *, axis: int = 2, flip_axes=(0, 1),
+                  modality: str | None = None) -> list[str]:
+    """One line per flipped slice axis along which two classes are told apart by side (flips would swap them)."""
+    from medssl.data.fingerprint import extract_fingerprint, side_dependent_axes
+
+    try:
+        fp = extract_fingerprint(path_or_info, modality=modality, progress=False)
+    except DataError:  # nothing labelled (or unreadable: run_check reports it): no classes to compare
+        return []
+    unsafe = side_dependent_axes([c for c in fp.cases if c.labelled], fp.labels, axis)
+    return [f"flipping slice axis {a} (aug.flip_axes) swaps classes: {reasons[0]}; drop it from aug.flip_axes"
+            for a, reasons in sorted(unsafe.items()) if a in set(flip_axes)]

@@ -16,10 +16,12 @@ from medssl.config import Config
 from medssl.data.augment import build_augmentation, make_generator, sample_seed
 from medssl.data.cache import SliceCache, prepare
 from medssl.data.layouts import open_dataset
+from medssl.data.patches import patch_active, random_patches
 from medssl.data.splits import Split, describe_rule, load_split, make_split, patient_groups, save_split
 from medssl.data.torch_data import EpochSampler, SliceDataset
 from medssl.engine.checkpoint import load_checkpoint
 from medssl.engine.distributed import DistInfo, barrier, broadcast_object, init_distributed
+from medssl.engine.inference import segment_logits
 from medssl.engine.runs import RunDir, write_json, write_text
 from medssl.engine.trainer import Trainer
 from medssl.errors import ConfigError, DataError
@@ -52,7 +54,8 @@ def build_split(cfg: Config, cache: SliceCache) -> Split:
 def model_meta(cfg: Config, cache: SliceCache) -> dict:
     return {"kind": "finetune", "model": dataclasses.asdict(cfg.model), "data": dataclasses.asdict(cfg.data),
             "modality": cache.meta["settings"]["modality"], "labels": cache.meta["labels"],
-            "n_classes": cache.n_classes, "in_channels": 1}
+            "n_classes": cache.n_classes, "in_channels": 1, "train_patch": cfg.train.patch_size,
+            "sw": {"overlap": cfg.eval.sw_overlap, "mode": cfg.eval.sw_mode}}
 
 
 def init_from_checkpoint(model, path: str, mode: str, backbone: str) -> None:
@@ -80,10 +83,16 @@ def init_from_checkpoint(model, path: str, mode: str, backbone: str) -> None:
 
 
 class Validator:
-    """Mean foreground 3D Dice over the validation cases, on the cached (fitted) slices."""
+    """Mean foreground 3D Dice over the validation cases, on the cached (fitted) slices.
 
-    def __init__(self, cache: SliceCache, case_ids: list[str], device: torch.device, batch_size: int = 32):
+    A model trained on patches (``patch`` smaller than the canvas) is applied by sliding windows, as in
+    :func:`medssl.engine.inference.segment_logits`.
+    """
+
+    def __init__(self, cache: SliceCache, case_ids: list[str], device: torch.device, batch_size: int = 32,
+                 patch: int = 0, overlap: float = 0.5, mode: str = "gaussian"):
         self.cache, self.case_ids, self.device, self.batch_size = cache, case_ids, device, batch_size
+        self.patch, self.overlap, self.mode = patch, overlap, mode
 
     def __call__(self, model) -> dict:
         n = self.cache.n_classes
@@ -93,7 +102,8 @@ class Validator:
             preds = []
             for i in range(0, len(x), self.batch_size):
                 xb = torch.from_numpy(np.array(x[i:i + self.batch_size]))[:, None].to(self.device)
-                preds.append(model(xb).float().argmax(1).cpu())
+                logits = segment_logits(model, xb, self.patch, self.overlap, self.mode, sw_batch_size=self.batch_size)
+                preds.append(logits.float().argmax(1).cpu())
             pred = torch.cat(preds)  # (Z, S, S)
             gt = torch.from_numpy(np.array(y, dtype=np.int64))
             p1 = torch.nn.functional.one_hot(pred, n).permute(3, 0, 1, 2)[None]
@@ -163,6 +173,10 @@ def finetune(cfg: Config, *, resume: bool = False, progress: bool = True) -> Pat
 
     model = build_model(cfg.model.backbone, in_channels=1, n_classes=cache.n_classes,
                         features=cfg.model.features, **cfg.model.options)
+    patch = cfg.train.patch_size if patch_active(cfg.train.patch_size, cfg.data.size) else 0
+    prepare = getattr(model, "prepare_batch", None)  # models needing more than the image (kaf-unet keypoints)
+    if patch and prepare is not None:  # its cached keypoints live in canvas coordinates
+        raise ConfigError(f"train.patch_size is not supported with backbone {cfg.model.backbone}")
     if cfg.train.init and not (resume and run.last.is_file()):  # a run killed before its first checkpoint
         init_from_checkpoint(model, cfg.train.init, cfg.train.init_mode, cfg.model.backbone)
     if cfg.train.freeze_encoder:  # frozen transfer: the optimiser only sees decoder and head
@@ -187,14 +201,14 @@ def finetune(cfg: Config, *, resume: bool = False, progress: bool = True) -> Pat
     criterion = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, batch=True,
                            lambda_dice=cfg.train.dice_weight, lambda_ce=cfg.train.ce_weight)
 
-    prepare = getattr(model, "prepare_batch", None)  # models needing more than the image (kaf-unet keypoints)
-
     def loss_fn(net, batch, step):
         x = batch["image"].to(dist.device, non_blocking=True)
         y = batch["label"].to(dist.device, non_blocking=True)
         g = None
-        if pipeline is not None:  # seeded by (seed, step, rank): identical after --resume
+        if pipeline is not None or patch:  # seeded by (seed, step, rank): identical after --resume
             g = make_generator(sample_seed(cfg.train.seed, dist.rank, step), dist.device)
+        if patch:  # one patch per sample, cut from the canvas before the augmentation
+            x, y = random_patches(x, y, patch, cfg.train.foreground_oversample, g)
         extra = {}
         if prepare is not None:  # augments x, y itself with the same draws, returns forward keywords
             x, y, extra = prepare(batch, x, y, pipeline, g, cache)
@@ -207,7 +221,9 @@ def finetune(cfg: Config, *, resume: bool = False, progress: bool = True) -> Pat
 
     meta = model_meta(cfg, cache)
     trainer = Trainer(model=model, cfg=cfg.train, run=run, dist=dist, loss_fn=loss_fn, make_loader=make_loader,
-                      steps_per_epoch=steps, validate=Validator(cache, split.val, dist.device), meta=meta,
+                      steps_per_epoch=steps, meta=meta,
+                      validate=Validator(cache, split.val, dist.device, patch=patch, overlap=cfg.eval.sw_overlap,
+                                         mode=cfg.eval.sw_mode),
                       progress=progress)
     state = trainer.fit(resume=resume)
     if dist.is_main:
@@ -228,7 +244,9 @@ def training_summary(cfg: Config, split: Split, state, n_slices: int, amp: bool)
         f"test {len(split.test)}; unlabelled {len(split.unlabelled)}",
         f"- model: {cfg.model.backbone} f={cfg.model.features}; init: {cfg.train.init or 'random'}",
         f"- training: {cfg.train.epochs} epochs, {state.step} steps, batch {cfg.train.batch_size}, "
-        f"lr {cfg.train.lr}, bf16 {'on' if amp else 'off'}",
+        f"lr {cfg.train.lr}, bf16 {'on' if amp else 'off'}" + (
+            f"; {cfg.train.patch_size} px patches, sliding-window inference ({cfg.eval.sw_mode}, overlap "
+            f"{cfg.eval.sw_overlap})" if patch_active(cfg.train.patch_size, cfg.data.size) else ""),
         f"- best validation Dice {state.best_score:.4f} at epoch {state.best_epoch}",
         "",
     ])

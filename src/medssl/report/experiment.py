@@ -61,6 +61,7 @@ class ExperimentConfig:
     pretrain: list[str] = field(default_factory=list)
     finetune: list[str] = field(default_factory=list)
     legacy_metrics: bool = False
+    reference: str = "random"  # the row every other method is compared with (paired, same fold and seed)
     # "+SAM" post-step (medssl.sam): refine each listed method's test predictions with LiteMedSAM box prompts
     sam_methods: list = field(default_factory=list)  # method names, or ["all"]; empty = no refinement
     sam_budgets: list = field(default_factory=list)  # budgets to refine (empty = all)
@@ -123,6 +124,8 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Exp
     names = [e.name for e in entries]
     if len(set(names)) != len(names):
         raise ConfigError(f"{path}: method names must be unique, got {names}")
+    if cfg.reference not in names and cfg.reference != "random":
+        raise ConfigError(f"{path}: reference '{cfg.reference}' is not in methods ({', '.join(names)})")
     bad = [m for m in cfg.sam_methods if m != "all" and m not in names]
     if bad:
         raise ConfigError(f"{path}: sam_methods {bad} are not in methods ({', '.join(names)})")
@@ -222,12 +225,13 @@ def run_experiment(exp: ExperimentConfig, progress_print=print) -> list[dict]:
                     if exp.legacy_metrics:
                         row["slice_mean_dice"] = m["slice_mean_dice"]["mean"]
                     rows.append(row)
+                    _write_csv(out / "results.csv", rows)  # as cells finish: a killed grid keeps its rows
                     progress_print(json.dumps(row))
                     if _wants_sam(exp, method, budget):
                         sam_rows += _sam_rows(exp, run_dir, row)
                         progress_print(json.dumps(sam_rows[-1]))
     _write_csv(out / "results.csv", rows)
-    (out / "results.md").write_text(results_table(rows) + "\n")
+    (out / "results.md").write_text(results_table(rows, reference=exp.reference) + "\n")
     save_plot(rows, out / "dice_vs_m.png")
     if sam_rows:
         _write_csv(out / "results_sam.csv", sam_rows)

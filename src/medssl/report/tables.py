@@ -17,9 +17,10 @@ def _mean_sd(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {sd:.3f}"
 
 
-def paired_test(rows: list[dict], method: str, m, key: str = "dice_mean") -> tuple[float | None, float | None, int]:
-    """(mean difference vs random, two-sided Wilcoxon p, number of pairs) over (fold, seed) pairs."""
-    base = {(r["fold"], r["seed"]): r[key] for r in rows if r["method"] == "random" and r["M"] == m}
+def paired_test(rows: list[dict], method: str, m, key: str = "dice_mean", reference: str = "random"
+                ) -> tuple[float | None, float | None, int]:
+    """(mean difference vs the reference row, two-sided Wilcoxon p, number of pairs) over (fold, seed) pairs."""
+    base = {(r["fold"], r["seed"]): r[key] for r in rows if r["method"] == reference and r["M"] == m}
     pairs = [(r[key], base[(r["fold"], r["seed"])]) for r in rows
              if r["method"] == method and r["M"] == m and (r["fold"], r["seed"]) in base]
     if not pairs:
@@ -32,7 +33,7 @@ def paired_test(rows: list[dict], method: str, m, key: str = "dice_mean") -> tup
     return float(diff.mean()), p, len(pairs)
 
 
-def results_table(rows: list[dict], key: str = "dice_mean") -> str:
+def results_table(rows: list[dict], key: str = "dice_mean", reference: str = "random") -> str:
     """Markdown: one row per method, one column per M (mean ± sd over folds x seeds), then the tests."""
     methods = list(dict.fromkeys(r["method"] for r in rows))
     budgets = sorted({r["M"] for r in rows})
@@ -42,16 +43,16 @@ def results_table(rows: list[dict], key: str = "dice_mean") -> str:
     for method in methods:
         cells = [_mean_sd([r[key] for r in rows if r["method"] == method and r["M"] == m]) for m in budgets]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    if "random" in methods and len(methods) > 1:
-        lines += ["", "Paired Wilcoxon signed-rank test against random init (pairs: same fold and seed); "
+    if reference in methods and len(methods) > 1:
+        lines += ["", f"Paired Wilcoxon signed-rank test against '{reference}' (pairs: same fold and seed); "
                   "Δ = mean difference. With 3 pairs the smallest possible two-sided p is 0.25.", "",
                   "| method | " + " | ".join(f"M={m}" for m in budgets) + " |", "|---|" + "---|" * len(budgets)]
         for method in methods:
-            if method == "random":
+            if method == reference:
                 continue
             cells = []
             for m in budgets:
-                d, p, n = paired_test(rows, method, m, key)
+                d, p, n = paired_test(rows, method, m, key, reference)
                 cells.append("–" if d is None else f"Δ {d:+.3f}, p={'n/a' if p is None else f'{p:.2f}'} (n={n})")
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

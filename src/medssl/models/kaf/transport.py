@@ -130,11 +130,14 @@ def flip_points(xy: Tensor, size_hw: tuple[int, int], axis: int) -> Tensor:
 
 
 def fit_points(fit: SliceFit, xy: Tensor) -> Tensor:
-    """Points of an (h, w) slice -> the (size, size) canvas of :class:`SliceFit` (rescale, then centre pad).
+    """Points of an (h, w) slice -> the (size, size) canvas of :class:`SliceFit` (crop, rescale, centre pad).
 
     The rescale follows ``cv2.resize``'s pixel-centre convention: dst = (src + 0.5)·(dst_n / src_n) − 0.5.
     """
     sh, sw = fit.scaled_shape
     oy, ox = fit.offsets
-    scale = torch.tensor([sw / fit.w, sh / fit.h], dtype=xy.dtype, device=xy.device)
+    y0, _, x0, _ = fit.box
+    ch, cw = fit.cropped_shape
+    scale = torch.tensor([sw / cw, sh / ch], dtype=xy.dtype, device=xy.device)
+    xy = xy - torch.tensor([x0, y0], dtype=xy.dtype, device=xy.device)
     return (xy + 0.5) * scale - 0.5 + torch.tensor([ox, oy], dtype=xy.dtype, device=xy.device)

@@ -2,6 +2,7 @@
 
     python benchmarks/plan_compare.py phantom       # write the demo phantom, plan it, run plan_phantom.yaml
     python benchmarks/plan_compare.py hippocampus   # re-plan Hippocampus, run plan_hippocampus.yaml
+    python benchmarks/plan_compare.py scanners      # the multi-scanner phantom, run plan_scanners.yaml
 
 Both experiments resume; results land in runs/plan_<name>/ (results.csv, results.md, dice_vs_m.png), and are
 copied to benchmarks/results/plan/<name>/ with the machine's CPU flags.
@@ -20,15 +21,20 @@ HIPPOCAMPUS = "../shared/data/Task04_Hippocampus"
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("which", choices=["phantom", "hippocampus"])
+    ap.add_argument("which", choices=["phantom", "hippocampus", "scanners"])
     args = ap.parse_args(argv)
     from medssl.data.phantom import write_phantom_dataset
+    from medssl.data.phantom_scanners import write_scanner_phantom
     from medssl.planning import write_plan
     from medssl.report.experiment import load_experiment, run_experiment
 
     if args.which == "phantom":
         data = write_phantom_dataset(ROOT / "runs" / "plan_phantom" / "phantom", n_cases=16, seed=0)
         plan_file = ROOT / "benchmarks" / "experiments" / "phantom_plan.yaml"
+        write_plan(data.relative_to(ROOT), plan_file, progress=False)
+    elif args.which == "scanners":
+        data = write_scanner_phantom(ROOT / "runs" / "plan_scanners" / "phantom", n_cases=16, seed=0)
+        plan_file = ROOT / "benchmarks" / "experiments" / "scanners_plan.yaml"
         write_plan(data.relative_to(ROOT), plan_file, progress=False)
     else:
         if not (ROOT / HIPPOCAMPUS).is_dir():

@@ -130,3 +130,41 @@ def test_plan_cli_writes_a_config(phantom_root, tmp_path, capsys):
     assert "budget gpu, 2 h" in text and yaml.safe_load(text)["model"]["features"] == 32
     assert main(["plan", "--data", str(phantom_root), "-o", str(out), "--budget", "tpu"]) != 0
     assert "--budget" in capsys.readouterr().err
+
+
+def test_plan_file_drives_finetune_predict_and_pretrain(tmp_path):
+    """A new dataset in three commands: check, plan, finetune (then predict and pretrain with the same plan)."""
+    import nibabel as nib
+
+    from medssl.data.phantom_scanners import write_scanner_phantom
+
+    data = write_scanner_phantom(tmp_path / "scanners", n_cases=6, matrices=(64, 80, 112), slices=6)
+    assert main(["check", str(data)]) == 0
+    plan_file = tmp_path / "plan.yaml"
+    assert main(["plan", "--data", str(data), "-o", str(plan_file)]) == 0
+    planned = yaml.safe_load(plan_file.read_text())
+    assert planned["data"]["spacing"] and planned["data"]["crop"] == "foreground"
+    common = ["--config", str(plan_file), f"output_dir={tmp_path / 'runs'}", f"data.cache_dir={tmp_path / 'c'}",
+              "train.epochs=1", "train.steps_per_epoch=3", "train.batch_size=4", "model.features=8",
+              "split.n_folds=3", "split.val=1", "train.patch_size=32", "data.size=64", "train.amp=off"]
+    assert main(["finetune", *common, "--name", "ft", "split.budget=2"]) == 0
+    run = tmp_path / "runs" / "ft"
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["data"]["spacing"] == planned["data"]["spacing"] and cfg["train"]["patch_size"] == 32
+    out = tmp_path / "pred"
+    assert main(["predict", str(run), str(data), "-o", str(out)]) == 0
+    for case in ("scanner_000", "scanner_001"):
+        src, pred = nib.load(str(data / "imagesTr" / f"{case}.nii.gz")), nib.load(str(out / f"{case}.nii.gz"))
+        assert pred.shape == src.shape and np.allclose(pred.affine, src.affine)
+    assert main(["pretrain", *common, "--name", "pt", "--method", "simclr"]) == 0
+    assert (tmp_path / "runs" / "pt" / "checkpoints" / "last.pt").is_file()
+
+
+def test_packaged_hippocampus_plan_is_what_plan_derives(hippocampus_root, tmp_path, monkeypatch):
+    """src/medssl/configs/hippocampus_plan.yaml is `medssl plan`'s output, not a hand edit."""
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(repo)  # the preset names the data by its path relative to the repository
+    out, _ = write_plan("../shared/data/Task04_Hippocampus", tmp_path / "p.yaml", progress=False)
+    assert out.read_text() == (repo / "src" / "medssl" / "configs" / "hippocampus_plan.yaml").read_text()

@@ -15,6 +15,7 @@ from typing import Optional
 import typer
 
 from medssl.errors import MedsslError
+from medssl.report.console import print_metrics
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Self-supervised pretraining and low-label fine-tuning for medical image segmentation.")
@@ -101,7 +102,7 @@ def finetune(ctx: typer.Context, config: Optional[str] = ConfigOpt, data: Option
     cfg = _config(config, ctx, **{"data.path": data, "train.init": init, "train.init_mode": init_mode, "name": name})
     run_dir = run_finetune(cfg, resume=resume)
     if evaluate and init_distributed().is_main:
-        _print_metrics(_evaluate(run_dir, "test", "best", False))
+        print_metrics(_evaluate(run_dir, "test", "best", False))
     typer.echo(f"run folder: {run_dir}")
 
 
@@ -134,7 +135,7 @@ def evaluate(run_dir: str = typer.Argument(..., help="a fine-tuning run folder")
 
     if not (Path(run_dir).expanduser() / "config.yaml").is_file():  # fail before the slow torch import
         raise ConfigError(f"{run_dir}: no config.yaml: not a medssl run folder")
-    _print_metrics(_evaluate(run_dir, part, checkpoint, save_predictions))
+    print_metrics(_evaluate(run_dir, part, checkpoint, save_predictions))
 
 
 @app.command()
@@ -279,27 +280,6 @@ def show_config(ctx: typer.Context, config: Optional[str] = ConfigOpt):
     from medssl.config import dump_config
 
     typer.echo(dump_config(_config(config, ctx)))
-
-
-def _print_metrics(summary: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"{summary.get('part', 'test')} set: {summary['n_cases']} volumes")
-    for col in ("class", "3D Dice (mean ± sd)", "HD95 mm (mean ± sd)", "micro Dice", "slice-mean Dice"):
-        table.add_column(col)
-
-    def fmt(m, s):
-        return "–" if m is None else f"{m:.3f} ± {s or 0:.3f}"
-
-    for name, d in summary["dice"].items():
-        h = summary["hd95"].get(name, {})
-        table.add_row(name, fmt(d["mean"], d["sd"]), fmt(h.get("mean"), h.get("sd")),
-                      f"{summary['micro_dice'][name]:.3f}", f"{summary['slice_mean_dice'][name]:.3f}")
-    table.add_row("mean", fmt(summary["dice_mean"], summary["dice_sd"]),
-                  fmt(summary["hd95_mean"], summary["hd95_sd"]), f"{summary['micro_dice']['mean']:.3f}",
-                  f"{summary['slice_mean_dice']['mean']:.3f}")
-    Console().print(table)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,13 +10,13 @@ import time
 from pathlib import Path
 
 from medssl.config import load_config
+from medssl.report.console import print_metrics
 
 
 def run_demo(workdir: str | Path = "medssl-demo", data: str | None = None, config: str | None = None,
              overrides: list[str] | None = None) -> dict:
     from rich.console import Console
 
-    from medssl.cli import _print_metrics
     from medssl.data.cache import prepare
     from medssl.data.phantom import write_phantom_dataset
     from medssl.engine.finetune import finetune
@@ -48,7 +48,7 @@ def run_demo(workdir: str | Path = "medssl-demo", data: str | None = None, confi
     test_cases = load_split(run_dir / "splits.json").test
     written = predict_files(run_dir / "checkpoints" / "best.pt", cfg.data.path, run_dir / "predictions",
                             cases=test_cases, progress=False)
-    _print_metrics(summary)
+    print_metrics(summary)
     console.print(f"predictions ({len(written)} NIfTI files, original geometry): {run_dir / 'predictions'}")
     console.print(f"run folder (config, splits, checkpoints, TensorBoard, metrics): {run_dir}")
     console.print(f"total time: {time.time() - t0:.0f} s")

@@ -106,7 +106,7 @@ class TrainConfig:
 
 @dataclass
 class ViewAugConfig:
-    """Contrastive views for SimCLR / PCL / GCL-global (baselines.md §1 project default; see data/views.py)."""
+    """Contrastive views for SimCLR / PCL / GCL-global (the project's default views; see data/views.py)."""
 
     crop_scale: list[float] = field(default_factory=lambda: [0.5, 1.0])  # random resized crop: area fraction
     crop_ratio: list[float] = field(default_factory=lambda: [0.75, 1.3333])  # and aspect ratio (log-uniform)

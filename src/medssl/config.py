@@ -92,6 +92,8 @@ class TrainConfig:
     dice_weight: float = 1.0
     ce_weight: float = 1.0
     amp: str = "auto"  # "auto" (bf16 where supported), "bf16" or "off"
+    channels_last: bool = True  # channels_last memory for the convolutions (same maths; faster on CPU and GPU)
+    compile: bool = False  # torch.compile the encoder / decoder (cached; falls back to eager if it fails)
     deterministic: bool = False
     seed: int = 0
     num_workers: int = 0

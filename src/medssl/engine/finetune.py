@@ -207,13 +207,14 @@ def finetune(cfg: Config, *, resume: bool = False, progress: bool = True) -> Pat
         g = None
         if pipeline is not None or patch:  # seeded by (seed, step, rank): identical after --resume
             g = make_generator(sample_seed(cfg.train.seed, dist.rank, step), dist.device)
-        if patch:  # one patch per sample, cut from the canvas before the augmentation
-            x, y = random_patches(x, y, patch, cfg.train.foreground_oversample, g)
-        extra = {}
-        if prepare is not None:  # augments x, y itself with the same draws, returns forward keywords
-            x, y, extra = prepare(batch, x, y, pipeline, g, cache)
-        elif pipeline is not None:
-            x, y = pipeline(x, y, g)
+        with torch.profiler.record_function("medssl.augment"):
+            if patch:  # one patch per sample, cut from the canvas before the augmentation
+                x, y = random_patches(x, y, patch, cfg.train.foreground_oversample, g)
+            extra = {}
+            if prepare is not None:  # augments x, y itself with the same draws, returns forward keywords
+                x, y, extra = prepare(batch, x, y, pipeline, g, cache)
+            elif pipeline is not None:
+                x, y = pipeline(x, y, g)
         if cfg.train.freeze_encoder:
             model.encoder.eval()  # BatchNorm statistics stay those of the initialisation
         logits = net(x, **extra)

@@ -24,7 +24,7 @@ from medssl.data.cache import normalize_volume, volume_to_slices
 from medssl.data.slicing import stack_slices
 from medssl.data.volume import Volume
 from medssl.engine.checkpoint import load_checkpoint
-from medssl.engine.trainer import amp_enabled
+from medssl.engine.trainer import amp_enabled, to_channels_last
 from medssl.errors import ConfigError
 from medssl.models import build_model
 
@@ -91,7 +91,7 @@ def load_predictor(checkpoint: str | Path, *, device: str | None = None, batch_s
                         **mcfg.options)
     model.load_state_dict(ckpt["model"], strict=True)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model.to(dev)
+    to_channels_last(model.to(dev))
     sw = meta.get("sw") or {}  # checkpoints from before patch training: whole-canvas inference
     return Predictor(model=model, data=DataConfig(**meta["data"]), modality=meta["modality"],
                      class_names={int(k): v for k, v in meta["labels"].items()}, device=dev,

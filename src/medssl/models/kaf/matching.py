@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from medssl.models.kaf.layer import normalise_positions
+from medssl.models.kaf.layer import attention, normalise_positions
 
 __all__ = ["MaskedBatchNorm1d", "AttentionLayer", "KeypointEncoder", "KeypointMatcher", "log_sinkhorn"]
 
@@ -121,7 +121,7 @@ class AttentionLayer(nn.Module):
         if src_mask is not None:
             bias = torch.zeros(src_mask.shape, dtype=q.dtype, device=q.device).masked_fill(~src_mask, NEG)
             bias = bias[:, None, None, :]
-        m = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B, h, N, D/h)
+        m = attention(q, k, v, bias)  # (B, h, N, D/h)
         m = self.merge(m.transpose(2, 3).reshape(b, d, n))
         if src_mask is not None:  # no valid key at all: no message (instead of an average of padding)
             m = m * src_mask.any(1).to(m.dtype)[:, None, None]

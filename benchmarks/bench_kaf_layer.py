@@ -1,7 +1,7 @@
 """KAF layer: medssl's sparse diffusion vs the dense formulation (kaf.md §2.3, §10.4), one training step.
 
 Both compute the same function (checked here with ``allclose`` on every configuration before timing): the
-medssl :class:`~medssl.models.kaf.KAFLayer` scatters W1·s_k into a 64-channel map; the dense reference
+medssl :class:`~medssl.models.kaf.KAFLayer` works on the cells the keypoints reach only; the dense reference
 (``benchmarks/kaf_dense_reference.py``, the released code's formulation) writes s_k into a zero
 B x D x H x W map and convolves it. Same weights, same inputs; a step is forward + backward of
 ``sum(out * w) + sum(S)``.
@@ -169,7 +169,8 @@ def main() -> None:
         f"KAF layer, one training step (forward + backward), batch {args.batch}, {args.keypoints} keypoints per "
         f"image (no collisions), C={args.channels}, D={args.dim}, {args.attention} attention layers, "
         f"{args.device}, {args.threads} thread(s), median of {args.steps} steps after a warm-up step. "
-        "medssl: sparse diffusion (scatter W1·s_k into a 64-channel map); dense: the released code's "
+        "medssl: sparse throughout (Conv3x3 D->64, BatchNorm, ReLU and Conv3x3 64->C on the cells the "
+        "keypoints reach plus one constant; no 64-channel map is built); dense: the released code's "
         "formulation (a zero B x D x H x W map, then Conv3x3), `benchmarks/kaf_dense_reference.py`. "
         f"Peak memory: {mem}. Same outputs: float32 outputs allclose, float64 outputs and all gradients allclose "
         "(largest float64 difference relative to the tensor's max in the last column).",

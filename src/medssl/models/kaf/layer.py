@@ -8,7 +8,9 @@ Per scale l (stride 2^(l-1)), for B samples with up to N keypoints each (``valid
 4. diffuse: the attended features S_l go through Conv3x3 D->64 as if scattered into a zero map, but
    without ever building the B x D x H x W map (kaf.md §10.4): each keypoint contributes
    W1[:, :, i, j] · s_k to the 64-channel map at cell p_k - (i-1, j-1); collisions add up (scatter-add,
-   deterministic; kaf.md §10.5), or average with ``collision="mean"``. Then +b1 -> BN -> ReLU -> Conv3x3 64->C_l.
+   deterministic; kaf.md §10.5), or average with ``collision="mean"``. Then +b1 -> BN -> ReLU -> Conv3x3 64->C_l,
+   also sparse: only the cells the keypoints reach differ from one constant (see :meth:`KAFLayer.diffuse`),
+   so no 64-channel map is built either (3x less peak memory than the dense layer at 128², BENCHMARKS.md).
 5. output Concat(F_l, D_l(S_l)) (2·C_l channels) and S_l (B, N, D).
 
 Point-wise layers (the paper's Conv1d with kernel 1) run on the *packed* valid keypoints (M, C), so
@@ -134,6 +136,20 @@ class AttentionLayer(nn.Module):
         return x + self.mlp(torch.cat([x, m], dim=1))
 
 
+def _exact(t: Tensor) -> torch.dtype:
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+def _targets(cells: Tensor, bi: Tensor, h: int, w: int) -> tuple[Tensor, Tensor]:
+    """Flat indices (M, 3, 3) of the outputs a 3x3 kernel tap (i, j) at input ``cells`` (M, 2) (x, y) of
+    samples ``bi`` reaches (output = cell - (i-1, j-1)), and which of them lie inside the H x W map."""
+    off = torch.arange(-1, 2, device=cells.device)
+    ty = cells[:, 1, None, None] - off[None, :, None]  # (M, 3, 1): output row for kernel row i
+    tx = cells[:, 0, None, None] - off[None, None, :]  # (M, 1, 3): output col for kernel col j
+    ok = (ty >= 0) & (ty < h) & (tx >= 0) & (tx < w)  # (M, 3, 3)
+    return (bi[:, None, None] * h + ty) * w + tx, ok
+
+
 class KAFLayer(nn.Module):
     """One KAF layer for a map of ``channels`` channels at ``stride`` = 2^(l-1) (see the module docstring)."""
 
@@ -168,28 +184,73 @@ class KAFLayer(nn.Module):
                             align_corners=False)  # (B, C, 1, N)
         return out[:, :, 0].transpose(1, 2)[where]
 
-    def diffuse_sparse(self, s: Tensor, cells: Tensor, bi: Tensor, shape: tuple[int, int, int]) -> Tensor:
+    def _touched(self, s: Tensor, cells: Tensor, bi: Tensor, shape: tuple[int, int, int]) -> tuple[Tensor, Tensor]:
         """Conv3x3 D->64 (with bias) of the map holding ``s`` (M, D) at ``cells`` (M, 2) of samples ``bi``,
-        computed as a scatter-add of W1[:, :, i, j]·s_k into a (B, 64, H, W) map; never the (B, D, H, W) one."""
+        where it differs from the bias: (flat indices into B*H*W, their 64 values). Each keypoint adds
+        W1[:, :, i, j]·s_k at cell - (i-1, j-1); the (B, D, H, W) map is never built."""
         b, h, w = shape
         c1 = DIFFUSION_CHANNELS
-        # the bias everywhere, then the keypoints' contributions added in place: one (B*H*W, 64) buffer
-        flat = self.diffuse1.bias.to(s.dtype).expand(b * h * w, c1).clone()
-        if s.shape[0]:
-            if self.collision == "mean":
-                key = (bi * h + cells[:, 1]) * w + cells[:, 0]
-                cnt = torch.zeros(b * h * w, dtype=s.dtype, device=s.device).index_add_(
-                    0, key, torch.ones_like(key, dtype=s.dtype))
-                s = s / cnt[key][:, None]
-            w1 = self.diffuse1.weight.to(s.dtype)  # (64, D, 3, 3)
-            g = (s @ w1.permute(1, 2, 3, 0).reshape(self.dim, 9 * c1)).view(-1, 3, 3, c1)  # (M, 3, 3, 64)
-            off = torch.arange(-1, 2, device=s.device)
-            ty = cells[:, 1, None, None] - off[None, :, None]  # (M, 3, 1): output row for kernel row i
-            tx = cells[:, 0, None, None] - off[None, None, :]  # (M, 1, 3): output col for kernel col j
-            ok = (ty >= 0) & (ty < h) & (tx >= 0) & (tx < w)  # (M, 3, 3)
-            idx = (bi[:, None, None] * h + ty) * w + tx
-            flat.index_put_((idx[ok],), g[ok], accumulate=True)
-        return flat.view(b, h, w, c1).permute(0, 3, 1, 2)
+        bias = self.diffuse1.bias.to(_exact(self.diffuse1.bias))
+        if not s.shape[0]:
+            return torch.zeros(0, dtype=torch.long, device=s.device), bias.new_zeros(0, c1)
+        if self.collision == "mean":
+            key = (bi * h + cells[:, 1]) * w + cells[:, 0]
+            cnt = torch.zeros(b * h * w, dtype=s.dtype, device=s.device).index_add_(
+                0, key, torch.ones_like(key, dtype=s.dtype))
+            s = s / cnt[key][:, None]
+        w1 = self.diffuse1.weight.to(s.dtype)  # (64, D, 3, 3)
+        g = (s @ w1.permute(1, 2, 3, 0).reshape(self.dim, 9 * c1)).view(-1, 3, 3, c1)  # (M, 3, 3, 64)
+        idx, ok = _targets(cells, bi, h, w)
+        keys, inverse = torch.unique(idx[ok], return_inverse=True)
+        values = bias.expand(len(keys), c1).index_add(0, inverse, g[ok].to(bias.dtype))
+        return keys, values
+
+    def diffuse(self, s: Tensor, cells: Tensor, bi: Tensor, shape: tuple[int, int, int]) -> Tensor:
+        """Conv3x3 64->C_l(ReLU(BN(Conv3x3 D->64 of the scattered ``s``))) -> (B, C_l, H, W), float32.
+
+        Sparse all the way: away from the keypoints' 3x3 neighbourhoods the 64-channel map equals the bias
+        b1, so BatchNorm's batch statistics, the ReLU and the second convolution are computed from the
+        touched cells plus one constant: the output is Conv(constant map) (one 1-channel convolution,
+        borders included) plus each touched cell's difference from the constant scattered through W2.
+        Same function (and gradients) as the dense layer; no 64-channel map is ever allocated. Computed in
+        float32 (float64 for float64 weights) also under bf16 autocast.
+        """
+        with torch.autocast(s.device.type, enabled=False):
+            return self._diffuse(s.to(_exact(self.diffuse1.bias)), cells, bi, shape)
+
+    def _diffuse(self, s: Tensor, cells: Tensor, bi: Tensor, shape: tuple[int, int, int]) -> Tensor:
+        b, h, w = shape
+        bn, c1, c2 = self.diffuse_bn, DIFFUSION_CHANNELS, self.channels
+        keys, v = self._touched(s, cells, bi, shape)
+        dt = _exact(self.diffuse1.bias)
+        bias = self.diffuse1.bias.to(dt)
+        n, n0 = b * h * w, b * h * w - len(keys)
+        if bn.training or bn.running_mean is None:  # batch statistics over all B*H*W cells
+            mean = (n0 * bias + v.sum(0)) / n
+            var = (n0 * (bias - mean) ** 2 + ((v - mean) ** 2).sum(0)) / n
+            if bn.training and bn.track_running_stats:
+                with torch.no_grad():
+                    bn.num_batches_tracked.add_(1)
+                    f = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+                    bn.running_mean.mul_(1 - f).add_(f * mean)
+                    bn.running_var.mul_(1 - f).add_(f * var * n / max(n - 1, 1))
+        else:
+            mean, var = bn.running_mean.to(dt), bn.running_var.to(dt)
+        scale = (bn.weight.to(dt) if bn.affine else 1.0) / torch.sqrt(var + bn.eps)
+        shift = (bn.bias.to(dt) if bn.affine else 0.0) - mean * scale
+        y0 = F.relu(bias * scale + shift)  # (64,) everywhere no keypoint reaches
+        w2 = self.diffuse2.weight.to(dt)  # (C_l, 64, 3, 3)
+        k0 = torch.einsum("ocij,c->oij", w2, y0)[:, None]  # Conv2 of the constant map = Conv of ones with k0
+        base = F.conv2d(torch.ones(1, 1, h, w, dtype=dt, device=s.device), k0, self.diffuse2.bias.to(dt), padding=1)
+        out = base.permute(0, 2, 3, 1).expand(b, h, w, c2).clone(memory_format=torch.contiguous_format)
+        out = out.view(b * h * w, c2)
+        if len(keys):
+            delta = F.relu(v * scale + shift) - y0  # (T, 64)
+            g = (delta @ w2.permute(1, 2, 3, 0).reshape(c1, 9 * c2)).view(-1, 3, 3, c2)
+            t = torch.stack([keys % w, (keys // w) % h], 1)
+            idx, ok = _targets(t, keys // (h * w), h, w)
+            out.index_put_((idx[ok],), g[ok].to(out.dtype), accumulate=True)
+        return out.view(b, h, w, c2).permute(0, 3, 1, 2)
 
     def forward(self, feat: Tensor, xy: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
         """``feat`` (B, C, H, W) at this scale, ``xy`` (B, N, 2) input-frame (x, y) pixels, ``valid`` (B, N)
@@ -208,7 +269,6 @@ class KAFLayer(nn.Module):
             key_mask = key_mask[:, None, None, :]          # (its rows are never read back)
             for layer in self.attention:
                 s = layer(s, where, (b, n), key_mask)
-        m = self.diffuse_sparse(s, cells[where], where[0], (b, h, w))
-        out = self.diffuse2(F.relu(self.diffuse_bn(m), inplace=True))  # BN's backward needs its input only
+        out = self.diffuse(s, cells[where], where[0], (b, h, w))
         padded = s.new_zeros(b, n, self.dim).index_put(where, s)
         return torch.cat([feat, out.to(feat.dtype)], dim=1), padded

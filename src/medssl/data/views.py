@@ -78,6 +78,10 @@ class ContrastiveViews:
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        with torch.profiler.record_function("medssl.views"):
+            return self._views(x, generator)
+
+    def _views(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         c, g = self.cfg, generator
         b, _, h, w = x.shape
         dev = x.device

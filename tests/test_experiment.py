@@ -139,3 +139,33 @@ def test_sgd_optimizer():
     assert isinstance(opt, torch.optim.SGD) and opt.defaults["momentum"] == 0.9 and opt.defaults["lr"] == 0.002
     with pytest.raises(ConfigError, match="train.optimizer"):
         load_config("demo", overrides=["train.optimizer=lamb"])
+
+
+def test_select_chooses_on_validation_for_every_row(phantom_root, tmp_path):
+    """`select:` trains each combination per cell, keeps the best validation Dice, tests only that one."""
+    import json
+
+    from medssl.report.experiment import select_options
+
+    assert select_options({}) == [[]]
+    assert select_options({"train.lr": [0.1, 0.01], "train.encoder_frozen_steps": [0, 2]})[1] == [
+        "train.lr=0.1", "train.encoder_frozen_steps=2"]
+    spec = {"base": "demo", "data": str(phantom_root), "output_dir": str(tmp_path / "exp"),
+            "methods": ["random"], "budgets": [1], "seeds": [0], "folds": [0],
+            "finetune": [*TINY, f"data.cache_dir={tmp_path / 'c'}"],
+            "select": {"train.encoder_lr_scale": [1.0, 0.0]}}
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    (row,) = run_experiment(load_experiment(path), progress_print=lambda _: None)
+    cells = tmp_path / "exp" / "cells"
+    scores = [json.loads((cells / f"random-f0-m1-s0-o{i}" / "train_state.json").read_text())["best_score"]
+              for i in (0, 1)]
+    best = max(range(2), key=lambda i: (scores[i], -i))
+    assert row["val_dice"] == pytest.approx(scores[best], abs=1e-6)
+    assert row["choice"] == f"train.encoder_lr_scale={[1.0, 0.0][best]}"
+    assert (cells / f"random-f0-m1-s0-o{best}" / "metrics.json").is_file()  # test Dice of the chosen run only
+    assert not (cells / f"random-f0-m1-s0-o{1 - best}" / "metrics.json").is_file()
+    spec["select"] = {"train.lr": []}
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ConfigError, match="select.train.lr"):
+        run_experiment(load_experiment(path), progress_print=lambda _: None)

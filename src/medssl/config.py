@@ -101,6 +101,8 @@ class TrainConfig:
     init: str | None = None  # checkpoint to start from
     init_mode: str = "encoder"  # "encoder" or "full"
     freeze_encoder: bool = False  # fine-tune decoder and head only (encoder weights and BatchNorm statistics fixed)
+    encoder_lr_scale: float = 1.0  # fine-tuning: the encoder's learning rate is lr x this (every init alike)
+    encoder_frozen_steps: int = 0  # fine-tuning: linear probe first, encoder frozen for these steps, then all
     foreground_oversample: float = 0.0  # fraction of each batch drawn from slices containing foreground
     threads: int = 0  # torch.set_num_threads (0 = leave the default)
     patch_size: int = 0  # square training patch cut from the data.size canvas (0 = the whole canvas)
@@ -420,6 +422,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError("config key 'pretrain.slab_fraction' must lie in (0, 1]")
     if not cfg.pretrain.tau > 0 or not cfg.pretrain.base_tau > 0:
         raise ConfigError("config keys 'pretrain.tau' and 'pretrain.base_tau' must be positive")
+    if not cfg.train.encoder_lr_scale >= 0:
+        raise ConfigError("config key 'train.encoder_lr_scale' must be >= 0")
+    if cfg.train.encoder_frozen_steps < 0:
+        raise ConfigError("config key 'train.encoder_frozen_steps' must be >= 0")
     if not 0 <= cfg.train.foreground_oversample <= 1:
         raise ConfigError("config key 'train.foreground_oversample' must lie in [0, 1]")
 

@@ -34,7 +34,9 @@ from medssl.data.readers import read_case
 from medssl.data.slicing import SliceFit, foreground_box, volume_slices
 from medssl.errors import DataError
 
-CACHE_VERSION = 3  # 3: crop / spacing; images resized cubic, labels linear on one-hot (2: nearest-exact labels)
+CACHE_VERSION = 4  # 4: one pad value (0) for every volume; 3: crop / spacing, images cubic, labels linear on
+# one-hot (2: nearest-exact labels)
+PAD_VALUE = 0.0  # canvas outside the slice, after normalisation: the same for every volume (no identity cue)
 
 
 def case_fingerprint(case: Case) -> list:
@@ -66,6 +68,7 @@ def preprocess_settings(data: DataConfig, info: DatasetInfo) -> dict:
         "ct_window": list(data.ct_window),
         "mri_percentiles": list(data.mri_percentiles),
         "mri_mode": data.mri_mode,
+        "pad_value": PAD_VALUE,
     }
 
 
@@ -109,8 +112,7 @@ def volume_to_slices(image: np.ndarray, label: np.ndarray | None, data: DataConf
     """
     img = volume_slices(image, data.axis)
     fit = slice_fit(image, spacing, data)
-    fill = float(image.min()) if image.size else 0.0
-    xs = np.stack([fit.forward(s, fill=fill) for s in img]).astype(np.float32)
+    xs = np.stack([fit.forward(s, fill=PAD_VALUE) for s in img]).astype(np.float32)
     ys = None
     if label is not None:
         lab = volume_slices(label, data.axis)
@@ -130,6 +132,7 @@ class SliceCache:
     rel_pos: np.ndarray  # (N,) float, (k + 1) / Z as in PCL
     labelled: np.ndarray  # (N,) bool
     present: np.ndarray  # (N, C) bool, C = number of classes (column 0 = background)
+    content: np.ndarray  # (N, 4) int: (y0, y1, x0, x1) of the slice's image on the canvas; PAD_VALUE outside
 
     @property
     def class_names(self) -> dict[int, str]:
@@ -179,7 +182,18 @@ def load_cache(root: str | Path) -> SliceCache:
         rel_pos=arr[:, col["rel_pos"]].astype(float),
         labelled=arr[:, col["labelled"]].astype(int).astype(bool),
         present=arr[:, pres_cols].astype(int).astype(bool),
+        content=content_boxes(meta),
     )
+
+
+def content_boxes(meta: dict) -> np.ndarray:
+    """(N, 4) canvas boxes (y0, y1, x0, x1) holding each row's image (the rest is padding), from the fit shapes."""
+    size, out = meta["settings"]["size"], np.zeros((meta["n_slices"], 4), np.int64)
+    for case, (a, b) in meta["cases"].items():
+        sh, sw = meta["volumes"][case]["fit_shape"]
+        oy, ox = (size - sh) // 2, (size - sw) // 2  # as SliceFit.offsets
+        out[a:b] = (oy, oy + sh, ox, ox + sw)
+    return out
 
 
 def cache_path(data: DataConfig, info: DatasetInfo) -> Path:

@@ -24,7 +24,7 @@ class SliceDataset(Dataset):
         lab = np.array(self.cache.labels[row])
         return {"image": torch.from_numpy(img[None]), "label": torch.from_numpy(lab.astype(np.int64)), "row": row,
                 "rel_pos": float(self.cache.rel_pos[row]), "slice": int(self.cache.slice_idx[row]),
-                "n_slices": int(self.cache.n_slices[row])}
+                "n_slices": int(self.cache.n_slices[row]), "content": torch.from_numpy(self.cache.content[row])}
 
 
 class EpochSampler(Sampler[int]):

@@ -82,6 +82,23 @@ def init_from_checkpoint(model, path: str, mode: str, backbone: str) -> None:
                               f"({str(exc).splitlines()[0][:160]})") from None
 
 
+def param_groups(model, cfg: Config) -> list[dict]:
+    """Encoder apart from decoder and head: its own lr scale and linear-probe phase, whatever the init.
+
+    ``train.encoder_lr_scale`` multiplies the encoder's learning rate; ``train.encoder_frozen_steps`` = K keeps it
+    frozen (lr 0, BatchNorm statistics fixed) for the first K steps while decoder and head learn, then ramps it up
+    over ``train.warmup_steps`` (LP-FT). Random init goes through the same protocol, so a comparison stays fair.
+    """
+    enc = [p for p in model.encoder.parameters() if p.requires_grad]
+    ids = {id(p) for p in enc}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
+    groups = [{"params": rest, "name": "decoder+head"}]
+    if enc:
+        groups.append({"params": enc, "name": "encoder", "lr_scale": cfg.train.encoder_lr_scale,
+                       "frozen_until": cfg.train.encoder_frozen_steps})
+    return groups
+
+
 class Validator:
     """Mean foreground 3D Dice over the validation cases, on the cached (fitted) slices.
 
@@ -215,14 +232,16 @@ def finetune(cfg: Config, *, resume: bool = False, progress: bool = True) -> Pat
                 x, y, extra = prepare(batch, x, y, pipeline, g, cache)
             elif pipeline is not None:
                 x, y = pipeline(x, y, g)
-        if cfg.train.freeze_encoder:
+        if cfg.train.freeze_encoder or step < cfg.train.encoder_frozen_steps:
             model.encoder.eval()  # BatchNorm statistics stay those of the initialisation
+        else:
+            model.encoder.train()
         logits = net(x, **extra)
         return criterion(logits.float(), y[:, None]), {}
 
     meta = model_meta(cfg, cache)
     trainer = Trainer(model=model, cfg=cfg.train, run=run, dist=dist, loss_fn=loss_fn, make_loader=make_loader,
-                      steps_per_epoch=steps, meta=meta,
+                      steps_per_epoch=steps, meta=meta, param_groups=param_groups(model, cfg),
                       validate=Validator(cache, split.val, dist.device, patch=patch, overlap=cfg.eval.sw_overlap,
                                          mode=cfg.eval.sw_mode),
                       progress=progress)

@@ -25,6 +25,7 @@ from medssl.engine.runs import RunDir, write_json, write_text
 from medssl.engine.trainer import Trainer
 from medssl.errors import ConfigError, DataError
 from medssl.methods import available_methods, build_method
+from medssl.methods.collapse import CollapseMonitor
 from medssl.models import build_model
 
 
@@ -65,13 +66,17 @@ def pretrain(cfg: Config, *, resume: bool = False, progress: bool = True) -> Pat
         return DataLoader(dataset, batch_size=per_rank, sampler=sampler, num_workers=cfg.train.num_workers,
                           drop_last=True)
 
+    monitor = CollapseMonitor(cfg.train.epochs * steps, method=cfg.pretrain.method)
+
     def loss_fn(net, batch, step):
         batch = {k: (v.to(dist.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
         g = make_generator(sample_seed(cfg.train.seed, dist.rank, step), dist.device)
         module = net.module if hasattr(net, "module") else net
         if hasattr(module, "set_step"):  # methods with stages (gcl-full)
             module.set_step(step, cfg.train.epochs * steps)
-        return module.loss(batch, g)
+        loss, logs = module.loss(batch, g)
+        monitor(step, logs)  # embedding spread: warns, then stops a run that stays collapsed
+        return loss, logs
 
     meta = {"kind": "pretrain", "method": cfg.pretrain.method, "model": dataclasses.asdict(cfg.model),
             "pretrain": dataclasses.asdict(cfg.pretrain), "data": dataclasses.asdict(cfg.data),

@@ -83,7 +83,18 @@ def uncompile(parts: list[nn.Module]) -> None:
         part._compiled_call_impl = None
 
 
+def group_lr(group: dict, lr: float, step: int, warmup: int) -> float:
+    """A param group's learning rate: ``lr`` x its ``lr_scale``; a group with ``frozen_until`` K gets 0 before step
+    K (a linear probe of the others), then ramps up linearly over ``warmup`` steps."""
+    k = int(group.get("frozen_until", 0))
+    if step < k:
+        return 0.0
+    ramp = min(1.0, (step - k + 1) / warmup) if (k and warmup) else 1.0
+    return lr * float(group.get("lr_scale", 1.0)) * ramp
+
+
 def build_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+    """``params``: tensors, or param-group dicts that may carry an ``lr_scale`` (applied by the loop)."""
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
@@ -93,7 +104,8 @@ def build_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
 class Trainer:
     def __init__(self, *, model: nn.Module, cfg: TrainConfig, run: RunDir, dist: DistInfo,
                  loss_fn: Callable, make_loader: Callable, steps_per_epoch: int,
-                 validate: Callable | None = None, meta: dict | None = None, progress: bool = True):
+                 validate: Callable | None = None, meta: dict | None = None, progress: bool = True,
+                 param_groups: list[dict] | None = None):
         self.model, self.cfg, self.run, self.dist = model.to(dist.device), cfg, run, dist
         self.loss_fn, self.make_loader, self.validate = loss_fn, make_loader, validate
         self.steps_per_epoch, self.meta, self.progress = steps_per_epoch, meta or {}, progress
@@ -101,7 +113,8 @@ class Trainer:
         if cfg.channels_last:
             to_channels_last(self.model)
         self.compiled: list[nn.Module] = compile_parts(self.model) if cfg.compile else []
-        self.optimizer = build_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
+        groups = param_groups or [{"params": [p for p in model.parameters() if p.requires_grad]}]
+        self.optimizer = build_optimizer(cfg, groups)
         self.state = TrainState()
         self.writer = None
 
@@ -181,7 +194,7 @@ class Trainer:
         for batch in bar:
             lr = lr_at(cfg, self.state.step, total)
             for group in self.optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = group_lr(group, lr, self.state.step, cfg.warmup_steps)
             loss, logs = self._forward(net, batch)
             value = all_reduce_mean(dist, loss.detach().float())
             if not torch.isfinite(value):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from medssl.methods.collapse import spread
 from medssl.methods.losses import gcl_global_loss, gcl_partition, partition_positive_mask, supcon
 from medssl.methods.registry import register_method
 from medssl.methods.simclr import SimCLR
@@ -35,9 +36,9 @@ class GCL(SimCLR):
         b = x.shape[0]
         parts = gcl_partition(batch["slice"], batch["n_slices"], self.cfg.gcl_parts).to(x.device)
         vols = torch.tensor([self.vol_of_row[int(r)] for r in batch["row"]], device=x.device)
-        z = self.embed(self.views(x, generator)).float()
+        z = self.embed(self.views(x, generator, batch.get("content"))).float()
         if self.cfg.gcl_formulation == "supcon_partition":
             loss = supcon(z, partition_positive_mask(parts), self.cfg.tau, self.cfg.base_tau)
         else:
             loss = gcl_global_loss(z[:b], z[b:], parts, vols, tau=self.cfg.tau, strategy=self.cfg.gcl_strategy)
-        return loss, {}
+        return loss, spread(z)

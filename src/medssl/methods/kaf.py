@@ -33,6 +33,7 @@ from medssl.data.cache import SliceCache
 from medssl.errors import ConfigError, DataError
 from medssl.methods.losses.kaf_correspondence import match_target, mutual_matches, surviving_matches
 from medssl.methods.losses.kaf_local import kaf_global_loss, kaf_local_loss
+from medssl.methods.collapse import spread
 from medssl.methods.registry import PretrainMethod, register_method
 from medssl.models.kaf.keypoints import Keypoints
 from medssl.models.kaf.matching import KeypointMatcher
@@ -288,6 +289,7 @@ class KAF(PretrainMethod):
             l_cnn = kaf_global_loss(z, pos, self.cfg.pcl_theta, self.cfg.tau, self.cfg.base_tau)
             total = total + self.w_cnn * l_cnn
             logs["loss_cnn"] = float(l_cnn.detach())
+            logs.update(spread(z))  # the CNN embedding: what the collapse monitor watches
         any_kp = bool(item_ok.any())
         if self.g_proj is not None and any_kp:
             s_cat = torch.cat([kp_feats[i] for i in self.kp_index], dim=2).transpose(1, 2)  # (2B, L·D, N)

@@ -11,8 +11,11 @@ Each anchor slice s of a scan's central slab gets one positive s+ and one explic
 T(x) = "a target label is present in slice x" comes from the labels of the pretraining cases (the slice
 cache's presence flags): polycl-o and polycl-m therefore use slice-level weak labels, polycl-s none.
 Anchors without a valid positive or negative are dropped and counted. Triplets are drawn afresh every
-step (``online``) or fixed per anchor (``offline_fixed``, as the released code). No augmentation;
-loss: single-negative cosine InfoNCE with tau = 1 / batch size by default.
+step (``online``) or fixed per anchor (``offline_fixed``, as the released code). No augmentation, but
+every image the encoder sees is one fixed-size window (the smallest content side among the pretraining
+slices) at a random position inside the slice's content, resized to the canvas: slices of the same scan
+would otherwise share their padding and frame, which tells "same scan" apart without looking at anatomy.
+Loss: single-negative cosine InfoNCE with tau = 1 / batch size by default.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ import torch
 from medssl.config import AugConfig, PretrainConfig
 from medssl.data.cache import SliceCache
 from medssl.data.augment import make_generator
+from medssl.data.views import content_windows
+from medssl.methods.collapse import spread
 from medssl.errors import DataError
 from medssl.methods.losses import polycl_infonce
 from medssl.methods.registry import PretrainMethod, register_method
@@ -70,6 +75,8 @@ class _PolyCL(PretrainMethod):
         self.by_scan = {s: np.flatnonzero(self.scan == s) for s in scans}
         self.by_t = {t: np.flatnonzero(self.target == t) for t in (0, 1)}
         self.pos_of_row = {int(r): i for i, r in enumerate(slab)}
+        box = cache.content[slab]  # every image is cut to one window size: no frame or padding cue
+        self.window = int(np.minimum(box[:, 1] - box[:, 0], box[:, 3] - box[:, 2]).min()) if len(slab) else 0
         valid = np.array([self._valid(i) for i in range(len(slab))], bool)
         self.counts = {"anchors": int(valid.sum()), "dropped": int((~valid).sum()),
                        "anchors_T1": int((valid & target).sum()), "anchors_T0": int((valid & ~target).sum()),
@@ -110,17 +117,22 @@ class _PolyCL(PretrainMethod):
         imgs[order] = self.cache.images[np.asarray(rows)[order]]
         return torch.from_numpy(imgs)[:, None].to(device)
 
-    def loss(self, batch: dict, generator: torch.Generator):
-        x = batch["image"]
-        rows = batch["row"].tolist()
+    def triplets(self, x: torch.Tensor, rows: list[int], generator: torch.Generator) -> torch.Tensor:
+        """Anchors ``x`` (B, 1, H, W) of cache ``rows`` -> (3B, 1, H, W): anchors, positives, negatives, each
+        cut to the method's content window."""
         pos_rows, neg_rows = self._draw(rows, generator)
         xs = torch.cat([x, self._images(pos_rows, x.device), self._images(neg_rows, x.device)])
-        z = self.embed(xs).float()  # one pass: InstanceNorm has no batch coupling (polycl.md §5)
+        boxes = torch.from_numpy(self.cache.content[np.concatenate([rows, pos_rows, neg_rows])])
+        return content_windows(xs, boxes, self.window, generator)
+
+    def loss(self, batch: dict, generator: torch.Generator):
+        x = batch["image"]
+        z = self.embed(self.triplets(x, batch["row"].tolist(), generator)).float()  # one pass: InstanceNorm has no batch coupling (polycl.md §5)
         a, p, n = z.chunk(3)
         loss = polycl_infonce(a, p, n, self.cfg.polycl_tau)
         with torch.no_grad():
             logs = {"cos_pos": float(torch.cosine_similarity(a, p).mean()),
-                    "cos_neg": float(torch.cosine_similarity(a, n).mean())}
+                    "cos_neg": float(torch.cosine_similarity(a, n).mean()), **spread(z)}
         return loss, logs
 
 

@@ -15,6 +15,7 @@ import torch
 from medssl.config import AugConfig, PretrainConfig
 from medssl.data.augment import BatchAugment
 from medssl.data.views import ContrastiveViews
+from medssl.methods.collapse import spread
 from medssl.methods.losses import other_view_mask, supcon
 from medssl.methods.registry import PretrainMethod, ProjectionHead, register_method
 
@@ -29,9 +30,10 @@ class SimCLR(PretrainMethod):
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.encoder(x)[-1])
 
-    def views(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    def views(self, x: torch.Tensor, g: torch.Generator, boxes: torch.Tensor | None = None) -> torch.Tensor:
+        """Two views per slice; ``boxes`` (the batch's ``content``): crops stay inside the image content."""
         if isinstance(self.augment, ContrastiveViews):
-            return torch.cat([self.augment(x, g), self.augment(x, g)])
+            return torch.cat([self.augment(x, g, boxes), self.augment(x, g, boxes)])
         dummy = torch.zeros(x.shape[0], *x.shape[2:], dtype=torch.long, device=x.device)
         v1, _ = self.augment(x, dummy, g)
         v2, _ = self.augment(x, dummy, g)
@@ -42,7 +44,7 @@ class SimCLR(PretrainMethod):
 
     def loss(self, batch: dict, generator: torch.Generator):
         x = batch["image"]
-        z = self.embed(self.views(x, generator)).float()
+        z = self.embed(self.views(x, generator, batch.get("content"))).float()
         mask = self.positives(batch, x.shape[0], x.device)
         loss = supcon(z, mask, self.cfg.tau, self.cfg.base_tau)
-        return loss, {"positives_per_row": float(mask.sum(1).float().mean())}
+        return loss, {"positives_per_row": float(mask.sum(1).float().mean()), **spread(z)}

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +68,9 @@ class ExperimentConfig:
     sam_budgets: list = field(default_factory=list)  # budgets to refine (empty = all)
     sam_cases: int = 0  # refine the first N test cases of each cell (0 = all); coarse is scored on the same N
     sam: dict = field(default_factory=dict)  # RefineConfig fields, e.g. {merge: union, iou_threshold: 0.8}
+    # fine-tuning choices made on validation only: {config key: [values]}; every cell of every row (random init
+    # included) trains each combination and keeps the one with the best validation Dice (the first on ties)
+    select: dict = field(default_factory=dict)
 
 
 EXPERIMENT_PRESETS = Path(__file__).resolve().parents[1] / "configs" / "experiments"
@@ -166,6 +170,15 @@ def _wants_sam(exp: ExperimentConfig, method: str, budget) -> bool:
         not exp.sam_budgets or budget in exp.sam_budgets)
 
 
+def select_options(select: dict) -> list[list[str]]:
+    """``{key: [v1, v2], ...}`` -> every combination as override lists (``[[]]`` when nothing is selected)."""
+    keys = list(select)
+    for k in keys:
+        if not isinstance(select[k], list) or not select[k]:
+            raise ConfigError(f"experiment key 'select.{k}': give a non-empty list of values")
+    return [[f"{k}={v}" for k, v in zip(keys, values)] for values in itertools.product(*(select[k] for k in keys))]
+
+
 def _write_csv(path: Path, rows: list[dict]) -> None:
     fields = list(dict.fromkeys(k for r in rows for k in r))
     tmp = path.with_suffix(".tmp")
@@ -208,20 +221,30 @@ def run_experiment(exp: ExperimentConfig, progress_print=print) -> list[dict]:
             for budget in exp.budgets:
                 for seed in exp.seeds:
                     name = f"{method}-f{fold}-m{budget}-s{seed}"
-                    run_dir = out / "cells" / name
                     extra = [f"train.init={init}"] if init else []
-                    cfg = load_config(base, overrides=[*common, *exp.finetune, *own, *entry.finetune, *extra,
-                                                       f"output_dir={out / 'cells'}", f"name={name}",
-                                                       f"split.fold={fold}", f"split.budget={budget}",
-                                                       f"split.budget_seed={seed}", f"train.seed={seed}"])
-                    _run_once(finetune, run_dir, cfg, run_dir / "train_state.json")
+                    tried = []
+                    for i, choice in enumerate(select_options(exp.select)):
+                        opt_name = name + (f"-o{i}" if exp.select else "")
+                        run_dir = out / "cells" / opt_name
+                        cfg = load_config(base, overrides=[*common, *exp.finetune, *own, *entry.finetune, *extra,
+                                                           *choice, f"output_dir={out / 'cells'}",
+                                                           f"name={opt_name}", f"split.fold={fold}",
+                                                           f"split.budget={budget}", f"split.budget_seed={seed}",
+                                                           f"train.seed={seed}"])
+                        _run_once(finetune, run_dir, cfg, run_dir / "train_state.json")
+                        state = json.loads((run_dir / "train_state.json").read_text())
+                        tried.append((state["best_score"], -i, run_dir, choice))
+                    val_score, _, run_dir, choice = max(tried)  # validation Dice only; the first on ties
                     if not (run_dir / "metrics.json").is_file():
                         evaluate_run(run_dir, progress=False)
                     m = json.loads((run_dir / "metrics.json").read_text())
                     split = json.loads((run_dir / "splits.json").read_text())
                     row = {"method": method, "fold": fold, "budget": budget, "M": split["budget_m"], "seed": seed,
                            "dice_mean": m["dice_mean"], "hd95_mean": m["hd95_mean"],
-                           "micro_dice": m["micro_dice"]["mean"], "n_test": m["n_cases"]}
+                           "micro_dice": m["micro_dice"]["mean"], "n_test": m["n_cases"],
+                           "val_dice": round(float(val_score), 6)}
+                    if exp.select:
+                        row["choice"] = " ".join(choice)
                     if exp.legacy_metrics:
                         row["slice_mean_dice"] = m["slice_mean_dice"]["mean"]
                     rows.append(row)

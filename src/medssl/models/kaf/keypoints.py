@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from medssl.data.cache import PAD_VALUE
 from medssl.errors import ConfigError
 
 __all__ = ["Keypoints", "KeypointSettings", "detect_keypoints", "detect_batch", "DESC_DIM"]
@@ -43,14 +44,30 @@ class KeypointSettings:
 
     def key(self) -> str:
         """A short hash naming these settings (the on-disk keypoint cache is keyed by it)."""
-        blob = json.dumps({"v": 1, **asdict(self)}, sort_keys=True).encode()
+        blob = json.dumps({"v": 2, **asdict(self)}, sort_keys=True).encode()  # 2: no keypoints on the frame
         return hashlib.sha256(blob).hexdigest()[:12]
 
 
-def _to_uint8(image: np.ndarray) -> np.ndarray:
-    """Per-slice min-max scaling to uint8 (kaf.md §3.1); a constant slice gives zeros."""
+FRAME_MARGIN = 2  # px: SIFT answers the step from padding to image within a few pixels of the frame
+
+
+def content_box(img: np.ndarray) -> tuple[int, int, int, int] | None:
+    """(y0, y1, x0, x1) of the pixels that differ from the canvas padding (``PAD_VALUE``); None when the slice
+    has no padding around it (or is all padding)."""
+    inside = img != PAD_VALUE
+    rows, cols = np.flatnonzero(inside.any(1)), np.flatnonzero(inside.any(0))
+    if not len(rows):
+        return None
+    box = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    return None if box == (0, img.shape[0], 0, img.shape[1]) else box
+
+
+def _to_uint8(image: np.ndarray, box: tuple[int, int, int, int] | None = None) -> np.ndarray:
+    """Per-slice min-max scaling to uint8 (kaf.md §3.1), over the content ``box`` only (padding excluded);
+    a constant slice gives zeros."""
     img = np.asarray(image, dtype=np.float32)
-    lo, hi = float(img.min()), float(img.max())
+    ref = img if box is None else img[box[0]:box[1], box[2]:box[3]]
+    lo, hi = float(ref.min()), float(ref.max())
     if not np.isfinite(lo) or not np.isfinite(hi) or hi <= lo:
         return np.zeros(img.shape, np.uint8)
     return np.clip(np.round((img - lo) * (255.0 / (hi - lo))), 0, 255).astype(np.uint8)
@@ -74,7 +91,9 @@ def detect_keypoints(image2d: np.ndarray, settings: KeypointSettings | None = No
 
     Sorted by SIFT response, strongest first (ties by position, so the order is deterministic). With
     ``upsample`` = k, SIFT runs on a bicubic k-times copy and a position u maps back to (u + 0.5) / k - 0.5
-    (pixel-centre convention of ``cv2.resize``). Positions are clipped to [0, W-1] x [0, H-1] (the released
+    (pixel-centre convention of ``cv2.resize``). When the slice sits on a padded canvas (a border of
+    ``PAD_VALUE``), keypoints within ``FRAME_MARGIN`` px of the frame are dropped and the uint8 scaling uses the
+    content only, so keypoints never mark the frame. Positions are clipped to [0, W-1] x [0, H-1] (the released
     code's rounding could reach H, kaf.md §10.1) and stay sub-pixel; the model rounds them at the gather.
     ``with_desc=False`` skips the descriptors (``desc`` is None): the same keypoints, about half the time.
     """
@@ -83,7 +102,8 @@ def detect_keypoints(image2d: np.ndarray, settings: KeypointSettings | None = No
     if img.ndim != 2:
         raise ConfigError(f"detect_keypoints: expected a 2D slice, got shape {img.shape}")
     h, w = img.shape
-    u8 = _to_uint8(img)
+    box = content_box(img)  # canvas padding around the slice: no keypoint on its frame
+    u8 = _to_uint8(img, box)
     if s.upsample > 1:
         u8 = cv2.resize(u8, (w * s.upsample, h * s.upsample), interpolation=cv2.INTER_CUBIC)
     if with_desc:
@@ -99,6 +119,12 @@ def detect_keypoints(image2d: np.ndarray, settings: KeypointSettings | None = No
     xy[:, 0] = np.clip(xy[:, 0], 0, w - 1)
     xy[:, 1] = np.clip(xy[:, 1], 0, h - 1)
     order = np.lexsort((xy[:, 0], xy[:, 1], -resp))  # strongest first; ties by (y, x)
+    if box is not None:
+        y0, y1, x0, x1 = box
+        p = xy[order]
+        inside = ((p[:, 0] >= x0 + FRAME_MARGIN) & (p[:, 0] <= x1 - 1 - FRAME_MARGIN)
+                  & (p[:, 1] >= y0 + FRAME_MARGIN) & (p[:, 1] <= y1 - 1 - FRAME_MARGIN))
+        order = order[inside]
     keep = order
     if s.dedupe:  # the first occurrence per rounded cell is the strongest one (sorted above)
         cells = np.floor(xy[order] + 0.5).astype(np.int64)

@@ -267,6 +267,8 @@ def training_summary(cfg: Config, split: Split, state, n_slices: int, amp: bool)
         f"lr {cfg.train.lr}, bf16 {'on' if amp else 'off'}" + (
             f"; {cfg.train.patch_size} px patches, sliding-window inference ({cfg.eval.sw_mode}, overlap "
             f"{cfg.eval.sw_overlap})" if patch_active(cfg.train.patch_size, cfg.data.size) else ""),
+        f"- encoder: lr x {cfg.train.encoder_lr_scale}, frozen for the first {cfg.train.encoder_frozen_steps} steps"
+        + (" (never trained)" if cfg.train.freeze_encoder else ""),
         f"- best validation Dice {state.best_score:.4f} at epoch {state.best_epoch}",
         "",
     ])

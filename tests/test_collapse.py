@@ -24,16 +24,21 @@ def test_spread_tells_collapsed_from_spread_embeddings():
 def test_monitor_warns_then_stops_on_a_lasting_collapse_only():
     mon = CollapseMonitor(1000, patience=40, method="pcl")
     healthy, flat = {"emb_cos": 0.4, "emb_std": 0.7}, {"emb_cos": 0.998, "emb_std": 0.02}
+    stuck = 5.919  # (tau / base_tau) * log(2B - 1) at batch 32: all similarities equal
     for step in range(100):  # collapsed during the warm-up share (10%): not counted
-        mon(step, flat)
+        mon(step, flat, stuck)
     for step in range(100, 130):  # collapsed for a while, then recovers: a warning, no stop
         with pytest.warns(UserWarning, match="collapsed") if step == 109 else _nothing():
-            mon(step, flat)
-    mon(130, healthy)
+            mon(step, flat, stuck)
+    mon(130, healthy, 3.0)
+    assert mon.run == 0
+    rng = torch.Generator().manual_seed(0)
+    for step in range(131, 300):  # bunched embeddings but a loss that still moves: training, not collapse
+        mon(step, flat, 5.0 + 0.1 * float(torch.rand(1, generator=rng)))
     assert mon.run == 0
     with pytest.raises(TrainingError, match=r"pretraining \(pcl\) has collapsed.*stopped"):
-        for step in range(131, 200):
-            mon(step, flat)
+        for step in range(300, 400):
+            mon(step, flat, stuck)
 
 
 class _nothing:

@@ -75,7 +75,7 @@ def pretrain(cfg: Config, *, resume: bool = False, progress: bool = True) -> Pat
         if hasattr(module, "set_step"):  # methods with stages (gcl-full)
             module.set_step(step, cfg.train.epochs * steps)
         loss, logs = module.loss(batch, g)
-        monitor(step, logs)  # embedding spread: warns, then stops a run that stays collapsed
+        monitor(step, logs, float(loss.detach()))  # embedding spread + stuck loss: warns, then stops
         return loss, logs
 
     meta = {"kind": "pretrain", "method": cfg.pretrain.method, "model": dataclasses.asdict(cfg.model),

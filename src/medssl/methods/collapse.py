@@ -3,8 +3,10 @@
 A contrastive loss has a trivial minimum-effort state: every embedding points the same way, the loss sits at
 its "all similarities equal" value and the encoder's gradients vanish. It happens when positives are pairs
 the images cannot tell apart from negatives (e.g. positions on thick-slice data), and nothing in the loss
-curve alone says so. Methods report two numbers per step (:func:`spread`); :class:`CollapseMonitor` warns
-when they stay collapsed and stops the run with a clear message when they stay so for ``patience`` steps.
+curve's level alone says so. Methods report two numbers per step (:func:`spread`); :class:`CollapseMonitor`
+counts the steps where they say "collapsed" *and* the loss is stuck (the same value to 0.2 % over 10 steps: early
+in training embeddings are bunched too, but the loss still moves), warns, and stops the run with a clear
+message when that lasts ``patience`` steps.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ import torch
 from medssl.errors import TrainingError
 
 COLLAPSED_COS = 0.98  # mean pairwise cosine of the embeddings above this ...
-COLLAPSED_STD = 0.1  # ... and the per-dimension spread of the unit embeddings (x sqrt(d)) below this
+COLLAPSED_STD = 0.1  # ... and the per-dimension spread of the unit embeddings (x sqrt(d)) below this ...
+FLAT_LOSS = 2e-3  # ... and the loss stuck: its range over the last FLAT_WINDOW steps under this share of it
+FLAT_WINDOW = 10
 
 
 @torch.no_grad()
@@ -43,11 +47,16 @@ class CollapseMonitor:
         self.warmup = int(total_steps * warmup_fraction)
         self.patience = patience or max(50, total_steps // 10)
         self.method, self.run, self.warned = method, 0, False
+        self.losses: list[float] = []
 
-    def __call__(self, step: int, logs: dict) -> None:
+    def __call__(self, step: int, logs: dict, loss: float) -> None:
+        """``logs`` of one step (with :func:`spread`'s keys) and its loss value."""
+        self.losses = [*self.losses[-(FLAT_WINDOW - 1):], float(loss)]
         if "emb_cos" not in logs or step < self.warmup:
             return
-        collapsed = logs["emb_cos"] > COLLAPSED_COS and logs["emb_std"] < COLLAPSED_STD
+        flat = len(self.losses) == FLAT_WINDOW and (max(self.losses) - min(self.losses)) <= FLAT_LOSS * abs(
+            self.losses[-1])  # a collapsed contrastive loss sits at its "all similarities equal" value
+        collapsed = flat and logs["emb_cos"] > COLLAPSED_COS and logs["emb_std"] < COLLAPSED_STD
         self.run = self.run + 1 if collapsed else 0
         what = (f"pretraining ({self.method}) has collapsed: every embedding points the same way (mean pairwise "
                 f"cosine {logs['emb_cos']:.3f}, spread {logs['emb_std']:.3f}) for {self.run} steps")

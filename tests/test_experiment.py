@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 
+import numpy as np
 import pytest
 import yaml
 
@@ -169,3 +170,19 @@ def test_select_chooses_on_validation_for_every_row(phantom_root, tmp_path):
     path.write_text(yaml.safe_dump(spec))
     with pytest.raises(ConfigError, match="select.train.lr"):
         run_experiment(load_experiment(path), progress_print=lambda _: None)
+
+
+def test_bootstrap_ci_in_table_and_plot(tmp_path):
+    from medssl.report.tables import bootstrap_ci, paired_diffs, save_plot
+
+    rows = [{"method": m, "fold": f, "seed": s, "M": 1, "dice_mean": 0.5 + 0.01 * (3 * f + s) + gain + 0.01 * (s == 1)}
+            for m, gain in (("random", 0.0), ("pcl", 0.03)) for f in range(3) for s in range(3)]
+    diff = paired_diffs(rows, "pcl", 1)
+    assert len(diff) == 9
+    lo, hi = bootstrap_ci(diff)
+    assert lo <= diff.mean() <= hi and lo > 0  # a gain in every pair: the CI excludes 0
+    assert bootstrap_ci(diff[:2]) is None and bootstrap_ci(np.zeros(4)) == (0.0, 0.0)
+    table = results_table(rows)
+    assert f"Δ +0.030 [{lo:+.3f}, {hi:+.3f}], p=0.00 (n=9)" in table
+    out = save_plot(rows, tmp_path / "plot.png")
+    assert out.stat().st_size > 1000

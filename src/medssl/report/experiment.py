@@ -255,7 +255,7 @@ def run_experiment(exp: ExperimentConfig, progress_print=print) -> list[dict]:
                         progress_print(json.dumps(sam_rows[-1]))
     _write_csv(out / "results.csv", rows)
     (out / "results.md").write_text(results_table(rows, reference=exp.reference) + "\n")
-    save_plot(rows, out / "dice_vs_m.png")
+    save_plot(rows, out / "dice_vs_m.png", reference=exp.reference)
     if sam_rows:
         _write_csv(out / "results_sam.csv", sam_rows)
         (out / "results_sam.md").write_text(sam_table(sam_rows) + "\n")

@@ -55,7 +55,7 @@ def main() -> None:
               f"{len(exp['seeds'])} seeds x {len(exp['folds'])} folds; wall time so far {wall:.1f} h on this machine",
               f"- trained with commit(s) {', '.join(sorted(commits)) or 'unknown'}; command `medssl experiment "
               f"{exp.get('name', args.run.name)}` (resumes)",
-              f"- fine-tuning choices made on validation: {exp.get('select') or 'none'} (column `choice`)", ""]
+              f"- fine-tuning choices made on validation: {exp.get('select') or 'none'} (column `choice`)", "", ""]
     (args.dest / "results.md").write_text("\n".join(header) + results_table(rows, reference=exp.get(
         "reference", "random")) + "\n")
     save_plot(rows, args.dest / "dice_vs_m.png", reference=exp.get("reference", "random"))

@@ -244,8 +244,7 @@ def main() -> None:
     from medssl.data.phantom import write_phantom_dataset
 
     write_phantom_dataset(phantom, shape=(128, 128, 32), spacing=(0.8, 0.8, 2.5))
-    cells = [(lbl, cmd, pre, [o.replace("__PHANTOM__", str(phantom)) for o in over] +
-              ([f"data.path={phantom}"] if pre == "demo" else []))
+    cells = [(lbl, cmd, pre, over + ([f"data.path={phantom}"] if pre == "demo" else []))
              for lbl, cmd, pre, over in CELLS if not args.cells or lbl in args.cells]
     versions = {"today": export(args.base, tmp / "base"), "new": export(args.new, tmp / "new")}
     peaks = {m: mm_peak("float32" if m == "fp32" else "bfloat16") for m in modes}

@@ -187,12 +187,10 @@ def load_cache(root: str | Path) -> SliceCache:
 
 
 def content_boxes(meta: dict) -> np.ndarray:
-    """(N, 4) canvas boxes (y0, y1, x0, x1) holding each row's image (the rest is padding), from the fit shapes."""
-    size, out = meta["settings"]["size"], np.zeros((meta["n_slices"], 4), np.int64)
+    """(N, 4) canvas boxes (y0, y1, x0, x1) holding each row's image (the rest is padding), as recorded at build."""
+    out = np.zeros((meta["n_slices"], 4), np.int64)
     for case, (a, b) in meta["cases"].items():
-        sh, sw = meta["volumes"][case]["fit_shape"]
-        oy, ox = (size - sh) // 2, (size - sw) // 2  # as SliceFit.offsets
-        out[a:b] = (oy, oy + sh, ox, ox + sw)
+        out[a:b] = meta["volumes"][case]["content"]
     return out
 
 
@@ -252,7 +250,7 @@ def _build(data: DataConfig, info: DatasetInfo, out: Path, progress: bool) -> No
             volumes[case.case_id] = {"shape": list(image.shape), "spacing": list(image.spacing),
                                      "labelled": label is not None, "crop": fit.crop,
                                      "zoom": [round(float(v), 6) for v in fit.zoom],
-                                     "fit_shape": list(fit.scaled_shape)}
+                                     "fit_shape": list(fit.scaled_shape), "content": list(fit.content_box)}
             row += z
     meta = {
         "dataset": info.name or Path(info.root).name,

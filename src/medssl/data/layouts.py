@@ -1,6 +1,6 @@
 """Recognise a dataset on disk and list its cases (no voxels are read here).
 
-Supported inputs (see ``environment.md`` §3):
+Supported inputs:
   * MSD v1 folder: ``dataset.json`` with ``modality`` (labels index -> name);
   * nnU-Net v2 folder: ``dataset.json`` with ``channel_names`` (labels name -> index);
   * a folder of DICOM slices (one case; label NIfTI via ``label=``);

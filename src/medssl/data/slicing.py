@@ -97,6 +97,13 @@ class SliceFit:
         sh, sw = self.scaled_shape
         return (self.size - sh) // 2, (self.size - sw) // 2
 
+    @property
+    def content_box(self) -> tuple[int, int, int, int]:
+        """(y0, y1, x0, x1) of the slice on the canvas; ``forward`` fills the rest."""
+        sh, sw = self.scaled_shape
+        oy, ox = self.offsets
+        return oy, oy + sh, ox, ox + sw
+
     def forward(self, img: np.ndarray, *, label: bool = False, fill: float = 0.0) -> np.ndarray:
         """(h, w) -> (size, size)."""
         y0, y1, x0, x1 = self.box
@@ -108,8 +115,8 @@ class SliceFit:
             else:
                 img = cv2.resize(img.astype(np.float32), (sw, sh), interpolation=cv2.INTER_CUBIC)
         out = np.full((self.size, self.size), fill, dtype=img.dtype)
-        oy, ox = self.offsets
-        out[oy:oy + sh, ox:ox + sw] = img
+        y0, y1, x0, x1 = self.content_box
+        out[y0:y1, x0:x1] = img
         return out
 
     def inverse(self, probs: np.ndarray) -> np.ndarray:

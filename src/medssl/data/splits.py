@@ -1,7 +1,7 @@
 """Patient-level splits: k-fold test folds, a validation subset and label budgets.
 
 The unit of every split is the *patient*: all cases (time frames, follow-up scans) of one patient always go
-to the same part. The protocol is that of ``baselines.md`` §5 / ``kaf.md`` §8:
+to the same part. The protocol (as in the KAF and PCL papers' released code):
 
 - test fold: ``KFold(n_splits, shuffle=True, random_state=fold_seed)`` over the **sorted** unique patient ids,
   reproduced without sklearn (or a fixed hold-out list of test cases);

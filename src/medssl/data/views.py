@@ -1,4 +1,4 @@
-"""Contrastive views for grayscale slices (baselines.md §1, "project default augmentation").
+"""Contrastive views for grayscale slices (the project's default augmentation for SimCLR, PCL and GCL).
 
 Used by SimCLR, PCL and GCL's global stage: two independent draws of :class:`ContrastiveViews` on the
 same batch give the two views. Everything runs batched on the training device from PyTorch ops:

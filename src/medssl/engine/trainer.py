@@ -167,12 +167,10 @@ class Trainer:
         """The method's loss under autocast; a compiled part that fails to compile falls back to eager."""
         with torch.profiler.record_function("medssl.forward"), \
                 torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            if not self.compiled:
-                return self.loss_fn(net, batch, self.state.step)
             try:
                 return self.loss_fn(net, batch, self.state.step)
             except Exception as exc:  # inductor / C compiler problems surface at the first call
-                if self.state.step > self._first_step:
+                if not self.compiled or self.state.step > self._first_step:
                     raise
                 warnings.warn(f"train.compile: torch.compile failed ({type(exc).__name__}: "
                               f"{str(exc).splitlines()[0][:160] if str(exc) else ''}); training eagerly",

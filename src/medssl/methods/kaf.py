@@ -31,9 +31,9 @@ from medssl.config import AugConfig, PretrainConfig
 from medssl.data.augment import build_augmentation
 from medssl.data.cache import SliceCache
 from medssl.errors import ConfigError, DataError
+from medssl.methods.collapse import spread
 from medssl.methods.losses.kaf_correspondence import match_target, mutual_matches, surviving_matches
 from medssl.methods.losses.kaf_local import kaf_global_loss, kaf_local_loss
-from medssl.methods.collapse import spread
 from medssl.methods.registry import PretrainMethod, register_method
 from medssl.models.kaf.keypoints import Keypoints
 from medssl.models.kaf.matching import KeypointMatcher

@@ -1,4 +1,4 @@
-"""PolyCL (Ward, Moseley, Imran): task-focused example selection for contrastive pretraining (polycl.md §3-5).
+"""PolyCL (Ward, Moseley, Imran): task-focused example selection for contrastive pretraining. Selection rules below.
 
 Each anchor slice s of a scan's central slab gets one positive s+ and one explicit negative s-:
 
@@ -27,15 +27,15 @@ from medssl.config import AugConfig, PretrainConfig
 from medssl.data.cache import SliceCache
 from medssl.data.augment import make_generator
 from medssl.data.views import content_windows
-from medssl.methods.collapse import spread
 from medssl.errors import DataError
+from medssl.methods.collapse import spread
 from medssl.methods.losses import polycl_infonce
 from medssl.methods.registry import PretrainMethod, register_method
 from medssl.models.polycl_unet import PolyCLProjectionHead
 
 
 def slab_mask(slice_idx: np.ndarray, n_slices: np.ndarray, fraction: float) -> np.ndarray:
-    """k in [round(D(0.5 - f/2)), round(D(0.5 + f/2))): the clean central-slab rule of polycl.md §2."""
+    """k in [round(D(0.5 - f/2)), round(D(0.5 + f/2))): the central-slab rule (rounded cleanly)."""
     lo = np.round(n_slices * (0.5 - fraction / 2))
     hi = np.round(n_slices * (0.5 + fraction / 2))
     return (slice_idx >= lo) & (slice_idx < np.maximum(hi, lo + 1))
@@ -127,7 +127,8 @@ class _PolyCL(PretrainMethod):
 
     def loss(self, batch: dict, generator: torch.Generator):
         x = batch["image"]
-        z = self.embed(self.triplets(x, batch["row"].tolist(), generator)).float()  # one pass: InstanceNorm has no batch coupling (polycl.md §5)
+        # one encoder pass for all three: PolyCL's InstanceNorm couples nothing across the batch
+        z = self.embed(self.triplets(x, batch["row"].tolist(), generator)).float()
         a, p, n = z.chunk(3)
         loss = polycl_infonce(a, p, n, self.cfg.polycl_tau)
         with torch.no_grad():

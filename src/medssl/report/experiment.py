@@ -135,6 +135,8 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Exp
         raise ConfigError(f"{path}: sam_methods {bad} are not in methods ({', '.join(names)})")
     if cfg.sam_methods:
         _refine_config(cfg)  # unknown or ill-typed sam.* keys fail here, before any training
+    for choice in select_options(cfg.select):  # empty lists and unknown keys fail here too
+        load_config(cfg.base, overrides=choice)
     return cfg
 
 

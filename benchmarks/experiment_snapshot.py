@@ -11,7 +11,6 @@ trained with (from the run folders), the cells done and the wall time so far.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import shutil
 import sys
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import yaml
 
+from medssl.report.experiment import read_results
 from medssl.report.tables import results_table, save_plot
 
 
@@ -31,14 +31,7 @@ def main() -> None:
     src = args.run / "results.csv"
     if not src.is_file():
         raise SystemExit(f"{src}: no results yet")
-    with open(src, newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    for r in rows:
-        for k in ("fold", "seed", "M", "budget"):
-            r[k] = int(r[k]) if str(r[k]).isdigit() else r[k]
-        for k in ("dice_mean", "hd95_mean", "micro_dice", "val_dice"):
-            if r.get(k) not in (None, ""):
-                r[k] = float(r[k])
+    rows = read_results(src)
     exp = yaml.safe_load((args.run / "experiment.yaml").read_text())
     commits = set()
     for env in args.run.glob("*/*/environment.json"):

@@ -212,7 +212,8 @@ class Parts:
 
     def part_refine(self, limit):
         from medssl.config import load_config
-        from medssl.sam.refine import RefineConfig, refine_predictions
+        from medssl.sam.refine import RefineConfig
+        from medssl.sam.refine_folder import refine_predictions
 
         seg = self.segmenter()
         preds = self.ctx["pred"][: self.s["n_refine"]]

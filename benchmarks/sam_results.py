@@ -22,6 +22,8 @@ resumes and ``report`` only reads. Comparisons, all in the same run:
   of the ``hippocampus`` preset) are sampled with ``numpy.random.default_rng(seed)``.
 
 Latency is not reported here (these runs shared the CPU with training jobs); ``bench_sam.py`` measures it.
+The comparison of every propagation method (chain, hybrid, registration, copy +-k with k chosen on validation
+volumes) is ``benchmarks/propagation.py``.
 """
 
 from __future__ import annotations

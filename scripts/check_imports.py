@@ -16,7 +16,7 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "medssl"
 LAYERS = [["config", "errors", "__init__"], ["data"], ["planning"], ["models"], ["methods"], ["engine"],
-          ["evaluation"], ["sam"], ["report"], ["cli", "demo", "__main__"]]
+          ["evaluation"], ["advise"], ["sam"], ["report"], ["cli", "demo", "__main__"]]
 RANK = {name: i for i, names in enumerate(LAYERS) for name in names}
 
 
@@ -30,8 +30,12 @@ def module_name(path: Path) -> str:
 
 def imports(path: Path) -> set[str]:
     tree = ast.parse(path.read_text())
+    type_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
+                 and "TYPE_CHECKING" in ast.unparse(block.test) for stmt in block.body for n in ast.walk(stmt)}
     out = set()
     for node in ast.walk(tree):
+        if id(node) in type_only:  # annotations only: no import at run time
+            continue
         if isinstance(node, ast.Import):
             out |= {a.name for a in node.names if a.name.startswith("medssl")}
         elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("medssl") and node.level == 0:

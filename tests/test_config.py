@@ -86,6 +86,7 @@ def test_wrong_type_names_the_key(override, key):
     ("train.foreground_oversample=1.5", "train.foreground_oversample"),
     ("split.budget=lots", "split.budget"),
     ("split.budget_mode=random", "split.budget_mode"),
+    ("pretrain.position_r2_min=1.5", "pretrain.position_r2_min"),
 ])
 def test_invalid_values_rejected(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

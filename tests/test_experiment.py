@@ -39,6 +39,35 @@ def test_tiny_grid_runs_and_resumes(phantom_root, tmp_path):
     again = run_experiment(load_experiment(path), progress_print=lambda _: None)
     assert again == rows
     assert (out / "cells" / "random-f0-m2-s1" / "metrics.json").stat().st_mtime_ns == mtime
+    # the run folders are gone (a new checkout has only the committed CSV): nothing is trained again
+    import shutil
+
+    shutil.rmtree(out / "cells")
+    shutil.rmtree(out / "pretrain")
+    said = []
+    spec["seeds"] = [0, 1, 2]  # one new seed: only its cells train, the pretraining runs again for them
+    path.write_text(yaml.safe_dump(spec))
+    grown = run_experiment(load_experiment(path), progress_print=said.append)
+    assert len(grown) == 12
+    assert {(r["method"], r["seed"]) for r in grown} >= {("simclr", 2), ("random", 2)}
+    assert sorted(p.name for p in (out / "cells").iterdir()) == sorted(
+        f"{m}-f0-m{b}-s2" for m in ("random", "simclr") for b in (1, 2))
+    assert any("taken from the earlier results.csv" in str(s) for s in said)
+    for old_row in rows:
+        new_row = next(r for r in grown if (r["method"], r["budget"], r["seed"]) ==
+                       (old_row["method"], old_row["budget"], old_row["seed"]))
+        assert new_row["dice_mean"] == pytest.approx(old_row["dice_mean"])
+    # a smaller grid (one seed) adds to the table without losing the other rows
+    spec["seeds"] = [2]
+    path.write_text(yaml.safe_dump(spec))
+    said.clear()
+    smaller = run_experiment(load_experiment(path), progress_print=said.append)
+    assert len(smaller) == 12 and any("outside this grid kept" in str(s) for s in said)
+    # a changed protocol is not mixed with the old rows
+    spec["finetune"] = [*spec["finetune"], "train.lr=0.01"]
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ConfigError, match="different finetune"):
+        run_experiment(load_experiment(path), progress_print=lambda _: None)
 
 
 def test_paired_test_and_table():
@@ -127,6 +156,39 @@ def test_entry_base_and_sam_rows(phantom_root, tmp_path, monkeypatch):
         path.write_text(yaml.safe_dump({**spec, "sam_methods": ["random"], **bad}))
         with pytest.raises(ConfigError, match=needle):
             load_experiment(path)
+
+
+def test_sam_auto_rows(phantom_root, tmp_path, monkeypatch):
+    """`sam: {policy: auto}`: the refined row is "+SAM (auto)", records the per-class choices, and the table shows
+    coarse and refined side by side with paired differences and the choices."""
+    import json
+
+    import medssl.sam.segmenter as segmod
+    from test_sam_refine import BoxSegmenter
+
+    monkeypatch.setattr(segmod, "build_segmenter", lambda *a, **k: BoxSegmenter())
+    spec = {"base": "demo", "data": str(phantom_root), "output_dir": str(tmp_path / "exp"), "methods": ["random"],
+            "budgets": [1], "seeds": [0, 1], "finetune": [*TINY, f"data.cache_dir={tmp_path / 'c'}"],
+            "sam_methods": ["random"], "sam_cases": 1, "sam": {"policy": "auto", "candidates": ["union", "gate0.8"]}}
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    run_experiment(load_experiment(path), progress_print=lambda _: None)
+    with open(tmp_path / "exp" / "results_sam.csv") as fh:
+        sam = list(csv.DictReader(fh))
+    assert [r["method"] for r in sam] == ["random", "random+SAM (auto)"] * 2
+    choices = [k for k in sam[1] if k.startswith("choice_")]
+    assert choices and all(sam[1][k] in ("keep", "union", "gate0.8") for k in choices)
+    assert all(f"val_keep_{k[7:]}" in sam[1] for k in choices) and sam[1]["n_val"] == "1"
+    cell = tmp_path / "exp" / "cells" / "random-f0-m1-s0"
+    saved = json.loads((cell / "metrics_sam.json").read_text())
+    val = json.loads((cell / "splits.json").read_text())["val"]
+    assert saved["policy"]["validation_cases"] == sorted(val) and not set(val) & set(saved["cases"])
+    table = (tmp_path / "exp" / "results_sam.md").read_text()
+    assert "| random+SAM (auto) |" in table and "random: gain" in table and "(n=2, worse" in table
+    assert "Policy chosen per class" in table and "(Δ " in table
+    path.write_text(yaml.safe_dump({**spec, "sam": {"policy": "sometimes"}}))
+    with pytest.raises(ConfigError, match="policy"):
+        load_experiment(path)
 
 
 def test_sgd_optimizer():

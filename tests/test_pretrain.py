@@ -87,8 +87,10 @@ def test_gcl_formulations_differ_and_partitions(phantom_root, tmp_path):
     batch = {"image": x, "row": torch.arange(8), "slice": torch.tensor([0, 3, 6, 9, 0, 3, 6, 9]),
              "n_slices": torch.full((8,), 10)}
 
-    class _Cache:  # the two index fields GCL reads
+    class _Cache:  # the fields GCL reads: scans, and slices whose appearance follows their position
         case_ids = np.array(["a"] * 4 + ["b"] * 4)
+        rel_pos = np.array([0.1, 0.4, 0.7, 1.0] * 2)
+        images = np.random.default_rng(0).normal(size=(8, 16, 16)) * 0.1 + rel_pos[:, None, None]
 
     m = build_method("gcl", enc, PretrainConfig(proj_dim=16), AugConfig())
     m.select_rows(_Cache, np.arange(8))

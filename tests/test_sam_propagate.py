@@ -222,7 +222,7 @@ def test_cli_bad_inputs_write_nothing(tmp_path, capsys):
 
 
 class FakeVideoPredictor:
-    """The SAM 2 video-predictor API (sam.md §3.2) replaying a known mask stack."""
+    """The SAM 2 video-predictor API replaying a known mask stack."""
 
     def __init__(self, truth: np.ndarray):
         self.truth, self.order, self.prompts = truth, [], []

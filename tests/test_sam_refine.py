@@ -285,6 +285,12 @@ def test_refine_run_glue(phantom_root, tmp_path):
     images = seg.images
     again = refine_run(run_dir, RefineConfig(box_mode="per_component"), segmenter=seg)  # cached
     assert seg.images == images and sam_row(again) == row
+    old = json.loads((run_dir / METRICS_FILE).read_text())  # written before the policy options existed
+    for key in ("policy", "candidates", "auto_margin", "class_policies"):
+        del old["config"][key]
+    (run_dir / METRICS_FILE).write_text(json.dumps(old))
+    again = refine_run(run_dir, RefineConfig(box_mode="per_component"), segmenter=seg)  # still cached
+    assert seg.images == images and sam_row(again) == row
     refine_run(run_dir, RefineConfig(), segmenter=seg)  # other settings: recomputed
     assert seg.images > images
 

@@ -166,6 +166,27 @@ def experiment(ctx: typer.Context, config: str = typer.Argument(..., help="exper
     typer.echo((Path(exp.output_dir).expanduser() / "results.md").read_text())
 
 
+@app.command(context_settings=EXTRA)
+def advise(ctx: typer.Context, config: Optional[str] = ConfigOpt, data: Optional[str] = DataOpt,
+           budget: int = typer.Option(..., "--budget", "-m", help="number of patients to label (M)"),
+           init: Optional[str] = typer.Option(None, "--init", help="pretrained checkpoint whose encoder embeds the "
+                                                                   "patients (default: intensity statistics)"),
+           strategy: str = typer.Option("typical", "--strategy", help="random, kcenter, typical or facility"),
+           seed: int = typer.Option(0, "--seed", help="seed of random and of k-means (typical)"),
+           output: str = typer.Option("advice", "--output", "-o", help="folder for advice.csv and embedding.png")):
+    """Which training patients of the fold to label first (docs/advise.md): advice.csv and a map."""
+    from medssl.advise.run import check_request, run_advise
+
+    check_request(budget, strategy, init, seed)  # before the slow imports and the data
+    cfg = _config(config, ctx, **{"data.path": data})
+    info = run_advise(cfg, budget=budget, strategy=strategy, init=init, seed=seed, out=output)
+    for line in info["warnings"]:
+        typer.echo(f"warning: {line}")
+    typer.echo(f"{strategy}: label {', '.join(info['chosen'])} (of {info['candidates']} training patients of "
+               f"{info['where']}; features: {info['features']})")
+    typer.echo(f"wrote {Path(info['out']) / 'advice.csv'} and embedding.png")
+
+
 def _int_list(text: Optional[str], option: str) -> list[int]:
     from medssl.errors import ConfigError
 
@@ -193,18 +214,42 @@ def refine(ctx: typer.Context,
            overlap: str = typer.Option("coarse", help="overlap rule between classes: coarse, score or order"),
            axis: Optional[int] = typer.Option(None, "--axis", help="slicing axis (default: data.axis)"),
            modality: Optional[str] = typer.Option(None, help="CT or MRI (default: dataset.json or guessed)"),
-           device: Optional[str] = typer.Option(None, help="torch device")):
+           device: Optional[str] = typer.Option(None, help="torch device"),
+           policy: str = typer.Option("fixed", help="fixed (the options above) or auto (per class, on --run's "
+                                      "validation patients)"),
+           run: Optional[str] = typer.Option(None, "--run", help="fine-tuning run whose validation patients choose "
+                                             "the policies (--policy auto)"),
+           candidates: Optional[str] = typer.Option(None, help="policies auto tries besides keep, e.g. "
+                                                    "union,gate0.8,component-replace (default: all)"),
+           auto_margin: float = typer.Option(0.01, "--auto-margin", help="auto: Dice a policy must gain over keep")):
     """Refine coarse label maps with box prompts (LiteMedSAM by default); output keeps the input geometry."""
-    from medssl.sam.refine import RefineConfig, refine_predictions
+    from medssl.errors import ConfigError
+    from medssl.sam.refine import RefineConfig
+    from medssl.sam.refine_folder import refine_predictions
 
     cfg = _config(config, ctx)
     rcfg = RefineConfig(backend=backend, checkpoint=checkpoint, device=device, axis=axis,
                         box_mode="per_component" if per_component else "global", box_pad=box_pad,
                         min_component_px=min_component, merge=merge, iou_threshold=iou_threshold,
-                        exclude=_int_list(exclude, "--exclude"), overlap=overlap, modality=modality)
-    result = refine_predictions(coarse, images, labels, out_dir=output, cfg=rcfg, data=cfg.data)
+                        exclude=_int_list(exclude, "--exclude"), overlap=overlap, modality=modality, policy=policy,
+                        candidates=[v for v in (candidates or "").replace(" ", "").split(",") if v],
+                        auto_margin=auto_margin)
+    if (policy == "auto") != (run is not None):
+        raise ConfigError("--policy auto chooses per class on a run's validation patients: give it --run RUN_DIR "
+                          "(and --run only with --policy auto)")
+    validation = None
+    if run is not None:
+        from functools import partial
+
+        from medssl.sam.policy import run_validation
+
+        validation = partial(run_validation, run, Path(output) / "validation" / "coarse")
+    result = refine_predictions(coarse, images, labels, out_dir=output, cfg=rcfg, data=cfg.data, validation=validation)
     if "per_class" in result:
         _print_refine(result)
+    for name, d in result.get("policy", {}).get("classes", {}).items():
+        typer.echo(f"{name}: {d['choice']} (validation Dice keep {d['val_dice_keep']:.3f}, "
+                   f"{d['best_candidate']} {d['val_dice_best']:.3f})")
     n_boxes = sum(s["boxes"] for s in result["stats"].values())
     typer.echo(f"refined {len(result['cases'])} volume(s) ({n_boxes} boxes) -> {output}")
 
@@ -236,7 +281,8 @@ def propagate(ctx: typer.Context,
               label: Optional[int] = typer.Option(None, "--label", help="propagate only this class id"),
               gt: Optional[str] = typer.Option(None, "--gt", help="full label volume for 3D Dice (default: --labels)"),
               config: Optional[str] = ConfigOpt,
-              backend: str = typer.Option("litemedsam", help="litemedsam (box chain, SAM 2 stand-in) or sam2"),
+              backend: str = typer.Option("litemedsam", help="litemedsam (box chain, SAM 2 stand-in), hybrid "
+                                          "(SAM prompted by registered masks), register (optical flow) or sam2"),
               checkpoint: Optional[str] = typer.Option(None, help="weights file (sam2: required)"),
               margin: Optional[float] = typer.Option(None, help="box margin in px (default 3 px of the 256 frame)"),
               iou_threshold: float = typer.Option(0.5, "--iou-threshold", help="stop below this predicted IoU"),
@@ -244,23 +290,46 @@ def propagate(ctx: typer.Context,
               max_area_ratio: float = typer.Option(0.0, "--max-area-ratio", help="stop when area grows above x"),
               on_empty: str = typer.Option("stop", "--on-empty", help="stop, or key_box (retry with the key box)"),
               copy_window: Optional[int] = typer.Option(None, "--copy-window", help="copy baseline window k"),
+              reg_max_area_change: float = typer.Option(2.0, "--reg-max-area-change",
+                                                        help="register/hybrid: stop at an area ratio above x (0 off)"),
+              reg_max_shift: float = typer.Option(0.1, "--reg-max-shift",
+                                                  help="register/hybrid: diverged if mean flow > x * slice size"),
+              reg_max_fold: float = typer.Option(0.05, "--reg-max-fold",
+                                                 help="register/hybrid: diverged if the flow folds on > x of the mask"),
+              reg_max_intensity_drift: float = typer.Option(1.0, "--reg-max-intensity-drift",
+                                                            help="register/hybrid: stop when the mask's mean "
+                                                                 "intensity drifts > x key-slice sd (0 off)"),
+              reg_max_steps: Optional[int] = typer.Option(None, "--reg-max-steps",
+                                                          help="register/hybrid: at most N slices per direction"),
+              hybrid_min_dice: float = typer.Option(0.5, "--hybrid-min-dice",
+                                                    help="hybrid: accept SAM where Dice with the registered mask >= x"),
+              on_disagree: str = typer.Option("register", "--on-disagree",
+                                              help="hybrid: register (keep the registered mask) or stop"),
+              dense_prompt: bool = typer.Option(False, "--dense-prompt",
+                                                help="litemedsam/hybrid: also give the mask as a dense prompt"),
               axis: Optional[int] = typer.Option(None, "--axis", help="slicing axis (default: data.axis)"),
               modality: Optional[str] = typer.Option(None, help="CT or MRI (default: guessed from the intensities)"),
               device: Optional[str] = typer.Option(None, help="torch device")):
-    """Propagate one annotated slice through the volume (LiteMedSAM box chain, or SAM 2)."""
+    """Propagate one annotated slice through the volume (LiteMedSAM chain, hybrid, registration, or SAM 2)."""
     from medssl.sam.propagate import run_propagate
 
     cfg = _config(config, ctx)
     key_rule = key if not key.lstrip("-").isdigit() else "largest"
     pcfg = dict(backend=backend, checkpoint=checkpoint, device=device, axis=axis, key_slice=key_rule, label=label,
                 margin=margin, on_empty=on_empty, iou_threshold=iou_threshold, min_area_ratio=min_area_ratio,
-                max_area_ratio=max_area_ratio, copy_window=copy_window)
+                max_area_ratio=max_area_ratio, copy_window=copy_window, reg_max_area_change=reg_max_area_change,
+                reg_max_shift=reg_max_shift, reg_max_fold=reg_max_fold, reg_max_intensity_drift=reg_max_intensity_drift,
+                reg_max_steps=reg_max_steps, hybrid_min_dice=hybrid_min_dice, on_disagree=on_disagree,
+                dense_prompt=dense_prompt)
     key_index = int(key) if key.lstrip("-").isdigit() else None
     info = run_propagate(image, output, pcfg, cfg.data, mask=mask, slice_index=slice_index, labels=labels,
                          key_index=key_index, gt=gt, modality=modality)
     for name, m in info.get("metrics", {}).items():
         dice = ", ".join(f"{c}: {v:.3f}" for c, v in m["dice"].items())
         typer.echo(f"{name:>11}: 3D Dice mean {m['dice_mean']:.3f} ({dice})")
+    for c, by_dir in info.get("stops", {}).items():
+        typer.echo(f"class {c} stopped: " + "; ".join(f"{d} {v['reason']}" + (f" at slice {v['slice']}" if
+                                                       v["slice"] is not None else "") for d, v in by_dir.items()))
     typer.echo(f"key slices {info['key_slices']}; wrote {output}")
 
 

@@ -136,6 +136,9 @@ class PretrainConfig:
     base_tau: float = 0.07  # SupCon's base temperature (the loss is scaled by tau / base_tau)
     proj_dim: int = 512  # projection head output (PCL-style head: pool -> Linear -> ReLU -> Linear)
     pcl_theta: float = 0.1  # PCL: positives have |pos_i - pos_j| < theta (0.1 CT-like, 0.35 ACDC-like)
+    # PCL / GCL / KAF: positives by position cross scans only where position explains at least this share of slice
+    # appearance (methods/position_gate.py); below, within each scan only. 0 = always across scans
+    position_r2_min: float = 0.1
     polycl_tau: Any = "inverse_batch"  # PolyCL: a float, or "inverse_batch" (1 / batch size, as released)
     slab_fraction: float = 0.3  # PolyCL: only the central fraction of each scan's slices is used
     target_labels: list[int] = field(default_factory=list)  # PolyCL-O/M organ flag T: these labels (empty = any)
@@ -144,7 +147,7 @@ class PretrainConfig:
     gcl_parts: int = 4  # GCL: partitions per volume along the slice axis
     gcl_strategy: str = "GD"  # GCL global positives: "GD" (proposed), "GD-" or "GR" (SimCLR-like)
     gcl_formulation: str = "chaitanya"  # "chaitanya" (own numerator per pair) or "supcon_partition" (PCL code)
-    # KAF (kaf.md §4-§6; method "kaf", backbone "kaf-unet"). Global losses reuse tau, base_tau, pcl_theta, proj_dim.
+    # KAF (docs/kaf.md; method "kaf", backbone "kaf-unet"). Global losses reuse tau, base_tau, pcl_theta, proj_dim.
     kaf_w_cnn: float = 1.0  # w1: PCL loss on the pooled bottleneck embedding z_cnn (0 = off)
     kaf_w_kp: float = 1.0  # w2: the same loss on the aggregated keypoint descriptor z_kp (0 = off)
     kaf_w_local: float = 0.01  # w3: local matching loss (Sinkhorn + dustbin; 0 = off, matcher not built)
@@ -420,6 +423,8 @@ def validate(cfg: Config) -> None:
                           f"with scale in (0, 1], got {v.crop_scale} / {v.crop_ratio}")
     if not 0 < cfg.pretrain.slab_fraction <= 1:
         raise ConfigError("config key 'pretrain.slab_fraction' must lie in (0, 1]")
+    if not 0 <= cfg.pretrain.position_r2_min < 1:
+        raise ConfigError("config key 'pretrain.position_r2_min' must lie in [0, 1)")
     if not cfg.pretrain.tau > 0 or not cfg.pretrain.base_tau > 0:
         raise ConfigError("config keys 'pretrain.tau' and 'pretrain.base_tau' must be positive")
     if not cfg.train.encoder_lr_scale >= 0:

@@ -21,7 +21,7 @@ import os
 import random
 import re
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -37,6 +37,7 @@ __all__ = [
     "make_split",
     "patient_groups",
     "save_split",
+    "with_labelled",
 ]
 
 SPLIT_FORMAT = "medssl-split/1"
@@ -432,3 +433,23 @@ def make_split(
         val_patients=_plain(val_patients), budget=_plain(budget_given), budget_m=m, budget_mode=budget_mode,
         rule=rule, patients=patients,
     )
+
+
+def with_labelled(split: Split, patients: Sequence[str], groups: Mapping[str, str]) -> Split:
+    """``split`` with its labelled part replaced by the given training patients (``budget_mode`` "explicit").
+
+    ``groups`` maps each labelled case to its patient (cases missing from it, such as unlabelled-only cases,
+    stay unlabelled). Test and validation parts are unchanged; a patient outside the training part is an error.
+    """
+    chosen = [str(p) for p in patients]
+    train = set(split.patients.get("labelled", [])) | set(split.patients.get("unlabelled", []))
+    bad = [p for p in chosen if p not in train]
+    if not chosen or bad or len(set(chosen)) != len(chosen):
+        what = f"{bad[0]!r} is not a training patient" if bad else "must be distinct and not empty"
+        raise ConfigError(f"labelled patients: {what} (test and validation patients cannot be labelled)")
+    lab = set(chosen)
+    cases = split.labelled + split.unlabelled
+    patients_of = {part: sorted(ps) for part, ps in (("labelled", lab), ("unlabelled", train - lab))}
+    return replace(split, labelled=sorted(c for c in cases if groups.get(c) in lab),
+                   unlabelled=sorted(c for c in cases if groups.get(c) not in lab),
+                   budget_m=len(chosen), budget_mode="explicit", patients={**split.patients, **patients_of})

@@ -93,6 +93,7 @@ def pretrain(cfg: Config, *, resume: bool = False, progress: bool = True) -> Pat
             f"images ({len(rows)} slices); validation and test patients excluded",
             f"- backbone: {cfg.model.backbone} f={cfg.model.features}; method settings: "
             f"{dataclasses.asdict(cfg.pretrain)}",
+            f"- example selection: {getattr(method, 'counts', {}) or 'none'}",
             f"- {cfg.train.epochs} epochs, {state.step} steps, batch {cfg.train.batch_size}, lr {cfg.train.lr}",
             f"- encoder for fine-tuning: `{run.last}` (medssl finetune --init {run.last})", ""]))
     barrier(dist)

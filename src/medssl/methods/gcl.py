@@ -18,24 +18,26 @@ import torch
 
 from medssl.methods.collapse import spread
 from medssl.methods.losses import gcl_global_loss, gcl_partition, partition_positive_mask, supcon
+from medssl.methods.position_gate import PositionGate
 from medssl.methods.registry import register_method
 from medssl.methods.simclr import SimCLR
 
 
 @register_method("gcl")
-class GCL(SimCLR):
+class GCL(PositionGate, SimCLR):
     def select_rows(self, cache, rows: np.ndarray) -> np.ndarray:
-        ids = {c: i for i, c in enumerate(sorted(set(cache.case_ids[rows])))}
-        self.vol_of_row = {int(r): ids[cache.case_ids[r]] for r in rows}
-        self.counts = {"volumes": len(ids), "slices": int(len(rows)), "strategy": self.cfg.gcl_strategy,
-                       "formulation": self.cfg.gcl_formulation}
+        gate = self.gate(cache, rows)
+        self.counts = {"volumes": len(set(self.scan_of_row.values())), "slices": int(len(rows)),
+                       "strategy": self.cfg.gcl_strategy, "formulation": self.cfg.gcl_formulation, **gate}
         return np.asarray(rows)
 
     def loss(self, batch: dict, generator: torch.Generator):
         x = batch["image"]
         b = x.shape[0]
         parts = gcl_partition(batch["slice"], batch["n_slices"], self.cfg.gcl_parts).to(x.device)
-        vols = torch.tensor([self.vol_of_row[int(r)] for r in batch["row"]], device=x.device)
+        vols = torch.tensor([self.scan_of_row[int(r)] for r in batch["row"]], device=x.device)
+        if not self.cross_scan:  # position is no label across scans here: a partition is one scan's slab
+            parts = vols * self.cfg.gcl_parts + parts
         z = self.embed(self.views(x, generator, batch.get("content"))).float()
         if self.cfg.gcl_formulation == "supcon_partition":
             loss = supcon(z, partition_positive_mask(parts), self.cfg.tau, self.cfg.base_tau)

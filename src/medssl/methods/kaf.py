@@ -34,6 +34,7 @@ from medssl.errors import ConfigError, DataError
 from medssl.methods.collapse import spread
 from medssl.methods.losses.kaf_correspondence import match_target, mutual_matches, surviving_matches
 from medssl.methods.losses.kaf_local import kaf_global_loss, kaf_local_loss
+from medssl.methods.position_gate import PositionGate
 from medssl.methods.registry import PretrainMethod, register_method
 from medssl.models.kaf.keypoints import Keypoints
 from medssl.models.kaf.matching import KeypointMatcher
@@ -143,7 +144,7 @@ class _KeypointHead(nn.Module):
 
 
 @register_method("kaf")
-class KAF(PretrainMethod):
+class KAF(PositionGate, PretrainMethod):
     def __init__(self, encoder, cfg: PretrainConfig, aug: AugConfig):
         super().__init__(encoder, cfg, aug)
         if not hasattr(encoder, "forward_kaf"):
@@ -223,7 +224,8 @@ class KAF(PretrainMethod):
         self.store = KeypointStore(cache, self.encoder.keypoint_settings)
         counts = np.array([self.store.count(int(r)) for r in rows], np.int64)
         keep = counts >= max(1, self.cfg.kaf_min_keypoints)
-        self.counts = {"anchors": int(keep.sum()), "skipped_few_keypoints": int((~keep).sum()),
+        gate = self.gate(cache, rows)  # positives across scans only where position predicts appearance
+        self.counts = {**gate, "anchors": int(keep.sum()), "skipped_few_keypoints": int((~keep).sum()),
                        "min_keypoints": int(self.cfg.kaf_min_keypoints),
                        "keypoints_per_slice": round(float(counts.mean()), 1) if len(counts) else 0.0,
                        "match_radius_px": match_radius(self.cfg, int(cache.images.shape[-1]))}
@@ -283,10 +285,11 @@ class KAF(PretrainMethod):
         logs = {"keypoints_per_view": float(valid.sum(1).float().mean()), "neighbour_same_slice": float(same),
                 "items_without_keypoints": float((~item_ok).sum())}
         pos = batch["rel_pos"].to(torch.float64).cpu()
+        scan = self.scans(batch)
         total = feats[-1].float().sum() * 0.0  # attached to the graph even when every term is skipped
         if self.cnn_head is not None:
             z = self.cnn_head(feats[-1]).float()
-            l_cnn = kaf_global_loss(z, pos, self.cfg.pcl_theta, self.cfg.tau, self.cfg.base_tau)
+            l_cnn = kaf_global_loss(z, pos, self.cfg.pcl_theta, self.cfg.tau, self.cfg.base_tau, scan=scan)
             total = total + self.w_cnn * l_cnn
             logs["loss_cnn"] = float(l_cnn.detach())
             logs.update(spread(z))  # the CNN embedding: what the collapse monitor watches
@@ -297,7 +300,8 @@ class KAF(PretrainMethod):
         if self.kp_head is not None and any_kp:
             keep = torch.cat([item_ok, item_ok])  # rows [view 1 of the kept items; view 2 of the kept items]
             z = self.kp_head(g[keep], valid[keep]).float()
-            l_kp = kaf_global_loss(z, pos[item_ok.cpu()], self.cfg.pcl_theta, self.cfg.tau, self.cfg.base_tau)
+            l_kp = kaf_global_loss(z, pos[item_ok.cpu()], self.cfg.pcl_theta, self.cfg.tau, self.cfg.base_tau,
+                                   scan=None if scan is None else scan[item_ok.cpu()])
             total = total + self.w_kp * l_kp
             logs["loss_kp"] = float(l_kp.detach())
         if self.matcher is not None:

@@ -1,19 +1,27 @@
-"""PCL: positional contrastive learning (Zeng et al., MICCAI 2021), baselines.md §3.
+"""PCL: positional contrastive learning (Zeng et al., MICCAI 2021), docs/pretraining.md.
 
 Views and head as SimCLR; positives are all embeddings whose slice positions pos = (k+1)/Z lie
-strictly closer than ``pretrain.pcl_theta`` (always including the other view), loss SupCon.
+strictly closer than ``pretrain.pcl_theta`` (always including the other view), loss SupCon. Where slice
+position barely predicts appearance (``pretrain.position_r2_min``, :mod:`.position_gate`) positives stay
+within each scan.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from medssl.methods.losses import pcl_positive_mask
+from medssl.methods.position_gate import PositionGate
 from medssl.methods.registry import register_method
 from medssl.methods.simclr import SimCLR
 
 
 @register_method("pcl")
-class PCL(SimCLR):
+class PCL(PositionGate, SimCLR):
+    def select_rows(self, cache, rows: np.ndarray) -> np.ndarray:
+        self.counts = self.gate(cache, rows)
+        return np.asarray(rows)
+
     def positives(self, batch: dict, b: int, device) -> torch.Tensor:
-        return pcl_positive_mask(batch["rel_pos"], self.cfg.pcl_theta).to(device)
+        return pcl_positive_mask(batch["rel_pos"], self.cfg.pcl_theta, self.scans(batch)).to(device)

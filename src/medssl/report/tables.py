@@ -4,6 +4,7 @@ init (pairs = same fold and seed, hence the same labelled patients), and a Dice-
 from __future__ import annotations
 
 import statistics
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -79,41 +80,64 @@ def results_table(rows: list[dict], key: str = "dice_mean", reference: str = "ra
 
 def sam_table(rows: list[dict]) -> str:
     """Markdown for the "+SAM" post-step: per method and M, Dice of the coarse predictions and of their
-    refinement on the same test cases, the paired gain (pairs: fold and seed), then the gain per class."""
-    bases = [m for m in dict.fromkeys(r["method"] for r in rows) if not m.endswith("+SAM")]
+    refinement on the same test cases ("<method>+SAM" or "<method>+SAM (auto)"), the paired gain (pairs: fold
+    and seed; bootstrap CI from 3 pairs, Wilcoxon p, pairs made worse), the coarse → refined Dice and paired gain
+    per class, and for ``policy: auto`` the policies chosen per class on validation (count over the cells)."""
+    bases = [m for m in dict.fromkeys(r["method"] for r in rows) if "+SAM" not in m]
+    refined = {b: [m for m in dict.fromkeys(r["method"] for r in rows) if m.startswith(f"{b}+SAM")] for b in bases}
     budgets = sorted({r["M"] for r in rows})
-    classes = [k[5:] for k in dict.fromkeys(k for r in rows for k in r) if k.startswith("dice_") and k != "dice_mean"]
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    classes = [k[5:] for k in keys if k.startswith("dice_") and k != "dice_mean"]
     n = sorted({r["n_test"] for r in rows})
     lines = [f"SAM refinement of each cell's test predictions ({', '.join(map(str, n))} test volumes per cell): "
-             "per-volume 3D Dice, mean ± sd over folds × seeds; Δ = paired mean gain, Wilcoxon p.", "",
+             "per-volume 3D Dice, mean ± sd over folds × seeds; Δ = paired mean gain [bootstrap 95 % CI, from 3 "
+             "pairs], Wilcoxon p, n = pairs (worse = pairs the refinement made worse).", "",
              "| method | " + " | ".join(f"M={m}" for m in budgets) + " |", "|---|" + "---|" * len(budgets)]
     gains = {}
     for method in bases:
-        for name in (method, f"{method}+SAM"):
+        for name in (method, *refined[method]):
             cells = [_mean_sd([r["dice_mean"] for r in rows if r["method"] == name and r["M"] == m])
                      for m in budgets]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
-        cells = []
-        for m in budgets:
-            before = {(r["fold"], r["seed"]): r for r in rows if r["method"] == method and r["M"] == m}
-            pairs = [(r, before[(r["fold"], r["seed"])]) for r in rows
-                     if r["method"] == f"{method}+SAM" and r["M"] == m and (r["fold"], r["seed"]) in before]
-            gains[(method, m)] = pairs
-            diff = np.array([a["dice_mean"] - b["dice_mean"] for a, b in pairs], dtype=float)
-            if not len(diff):
-                cells.append("–")
-                continue
-            p = float(wilcoxon(diff).pvalue) if len(diff) > 1 and np.any(diff != 0) else None
-            cells.append(f"Δ {diff.mean():+.3f}, p={'n/a' if p is None else f'{p:.2f}'} (n={len(diff)})")
-        lines.append(f"| {method}: gain | " + " | ".join(cells) + " |")
+        for name in refined[method]:
+            cells = []
+            for m in budgets:
+                before = {(r["fold"], r["seed"]): r for r in rows if r["method"] == method and r["M"] == m}
+                pairs = [(r, before[(r["fold"], r["seed"])]) for r in rows
+                         if r["method"] == name and r["M"] == m and (r["fold"], r["seed"]) in before]
+                gains[(name, m)] = pairs
+                diff = np.array([a["dice_mean"] - b["dice_mean"] for a, b in pairs], dtype=float)
+                if not len(diff):
+                    cells.append("–")
+                    continue
+                p = float(wilcoxon(diff).pvalue) if len(diff) > 1 and np.any(diff != 0) else None
+                ci = bootstrap_ci(diff)
+                worse = int((diff < 0).sum())
+                cells.append(f"Δ {diff.mean():+.3f}" + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "")
+                             + f", p={'n/a' if p is None else f'{p:.2f}'} (n={len(diff)}, worse {worse})")
+            label = f"{method}: gain" + (name[len(method) + 4:] if len(refined[method]) > 1 else "")
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
     if classes:
-        lines += ["", "Per class: coarse → refined (mean over folds × seeds)", "",
+        lines += ["", "Per class: coarse → refined (mean over folds × seeds), paired gain Δ", "",
                   "| method | M | " + " | ".join(classes) + " |", "|---|---|" + "---|" * len(classes)]
-        for (method, m), pairs in gains.items():
+        for (name, m), pairs in gains.items():
             if pairs:
-                cells = [f"{np.mean([b[f'dice_{c}'] for _, b in pairs]):.3f} → "
-                         f"{np.mean([a[f'dice_{c}'] for a, _ in pairs]):.3f}" for c in classes]
-                lines.append(f"| {method} | {m} | " + " | ".join(cells) + " |")
+                cells = []
+                for c in classes:
+                    b, a = (np.array([x[i].get(f"dice_{c}", np.nan) for x in pairs], dtype=float) for i in (1, 0))
+                    cells.append(f"{np.nanmean(b):.3f} → {np.nanmean(a):.3f} (Δ {np.nanmean(a - b):+.3f})")
+                lines.append(f"| {name} | {m} | " + " | ".join(cells) + " |")
+    choice_cols = [k for k in keys if k.startswith("choice_")]
+    if choice_cols:
+        lines += ["", "Policy chosen per class on each cell's validation patients (number of cells; keep = coarse "
+                  "mask unchanged)", "", "| method | M | " + " | ".join(k[7:] for k in choice_cols) + " |",
+                  "|---|---|" + "---|" * len(choice_cols)]
+        for (name, m), pairs in gains.items():
+            picked = [a for a, _ in pairs if any(a.get(k) for k in choice_cols)]
+            if picked:
+                cells = [", ".join(f"{v} ×{k}" for v, k in Counter(str(a.get(c, "–")) for a in picked).most_common())
+                         for c in choice_cols]
+                lines.append(f"| {name} | {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -8,6 +8,10 @@ predictions with box prompts, and score both against the labels.
 A finished step (``metrics_sam.json`` present, same settings) is read back instead of recomputed, so a
 killed experiment resumes cheaply. The coarse predictions come from :func:`medssl.evaluation.evaluate.
 predict_files` with the run's checkpoint -- the same predictions ``medssl evaluate`` scores.
+
+With ``policy="auto"`` the run's validation cases are predicted the same way (``<out>/validation/coarse``) and
+the policy per class is chosen on them (:mod:`medssl.sam.policy`) before the test cases are refined; the
+choice is in the result under ``"policy"`` and in :func:`sam_row`'s ``sam_policy``.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ from medssl.data.splits import load_split
 from medssl.engine.runs import RunDir
 from medssl.errors import ConfigError
 from medssl.sam.inputs import write_json
-from medssl.sam.refine import RefineConfig, refine_predictions
+from medssl.sam.refine import RefineConfig
+from medssl.sam.refine_folder import refine_predictions
 
 METRICS_FILE = "metrics_sam.json"
 
@@ -33,7 +38,7 @@ def refine_run(run_dir: str | Path, cfg: RefineConfig | None = None, *, part: st
     ``cases`` restricts the run to a subset of that part (e.g. for a quick benchmark). Writes
     ``<out_dir>/coarse/*.nii.gz``, ``<out_dir>/refined/*.nii.gz`` (+ ``refine_metrics.json``,
     ``refine_per_case.csv``) with ``out_dir`` defaulting to ``<run>/sam``, and the result dict to
-    ``<run>/metrics_sam.json``. Returns that dict (see :func:`medssl.sam.refine.refine_predictions`),
+    ``<run>/metrics_sam.json``. Returns that dict (see :func:`medssl.sam.refine_folder.refine_predictions`),
     plus ``run``, ``part``, ``checkpoint``.
     """
     from medssl.evaluation.evaluate import predict_files, run_checkpoint
@@ -55,13 +60,20 @@ def refine_run(run_dir: str | Path, cfg: RefineConfig | None = None, *, part: st
     metrics_path = run.path / METRICS_FILE
     if not force and metrics_path.is_file():
         old = json.loads(metrics_path.read_text())
-        if {k: old.get(k) for k in settings} == settings:
+        # options added after a result was written had their default value then
+        old_cfg = {**dataclasses.asdict(RefineConfig()), **(old.get("config") or {})}
+        if {**{k: old.get(k) for k in settings}, "config": old_cfg} == settings:
             return old
     out = Path(out_dir).expanduser() if out_dir is not None else run.path / "sam"
+    validation = None
+    if cfg.policy == "auto":
+        from medssl.sam.policy import run_validation
+
+        validation = run_validation(run.path, out / "validation" / "coarse", checkpoint=checkpoint, progress=progress)
     ckpt = run_checkpoint(run.path, checkpoint)
     predict_files(ckpt, saved.data.path, out / "coarse", cases=part_cases, progress=progress)
     result = refine_predictions(out / "coarse", saved.data.path, saved.data.path, out_dir=out / "refined", cfg=cfg,
-                                data=saved.data, segmenter=segmenter, progress=progress)
+                                data=saved.data, segmenter=segmenter, progress=progress, validation=validation)
     result.update(settings)
     result["run"] = str(run.path)
     write_json(metrics_path, result)
@@ -73,5 +85,8 @@ def sam_row(result: dict) -> dict:
     if "before" not in result:
         return {}
     b, a = result["before"], result["after"]
-    return {"dice_mean_coarse": b["dice_mean"], "dice_mean_sam": a["dice_mean"],
-            "hd95_mean_coarse": b["hd95_mean"], "hd95_mean_sam": a["hd95_mean"]}
+    row = {"dice_mean_coarse": b["dice_mean"], "dice_mean_sam": a["dice_mean"],
+           "hd95_mean_coarse": b["hd95_mean"], "hd95_mean_sam": a["hd95_mean"]}
+    if "policy" in result:
+        row["sam_policy"] = " ".join(f"{name}={d['choice']}" for name, d in result["policy"]["classes"].items())
+    return row

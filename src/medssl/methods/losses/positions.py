@@ -24,19 +24,24 @@ def other_view_mask(b: int, device: torch.device | None = None) -> torch.Tensor:
     return _other_view(b, device)
 
 
-def pcl_positive_mask(pos: torch.Tensor, theta: float) -> torch.Tensor:
+def pcl_positive_mask(pos: torch.Tensor, theta: float, scan: torch.Tensor | None = None) -> torch.Tensor:
     """PCL positives (§3) over the 2B set, from per-item positions ``pos`` (B,).
 
     pos = (i+1)/Z for slice i of a Z-slice volume. j ∈ P(i) iff |pos_i − pos_j| < θ
     (strictly), j ≠ i; the other view is always included, even for θ ≤ 0.
     Differences within ``_EPS`` = 1e-6 of θ count as equal to θ (not positive), so
     that float rounding (0.3 − 0.2 = 0.0999…, float32 positions) does not decide
-    the strict test.
+    the strict test. With ``scan`` (B,) ids, only slices of the same scan qualify (see
+    :mod:`medssl.methods.position_gate`).
     """
     pos = torch.as_tensor(pos, dtype=torch.float64).reshape(-1)
     b = pos.shape[0]
     p = torch.cat([pos, pos])
     mask = (p.unsqueeze(1) - p.unsqueeze(0)).abs() < theta - _EPS
+    if scan is not None:
+        s = torch.as_tensor(scan).reshape(-1).to(p.device)
+        s = torch.cat([s, s])
+        mask &= s.unsqueeze(1) == s.unsqueeze(0)
     mask |= _other_view(b, p.device)
     mask &= ~torch.eye(2 * b, dtype=torch.bool, device=p.device)
     return mask

@@ -1,4 +1,4 @@
-"""Segmentation metrics on integer label volumes (``baselines.md`` §5, ``polycl.md`` §7).
+"""Segmentation metrics on integer label volumes: per-volume 3D Dice and HD95, and the papers' slice-mean Dice.
 
 All functions take label volumes of shape (X, Y, Z) in canonical orientation; axis 2 is the
 slice axis unless an ``axis`` argument says otherwise. Only foreground classes

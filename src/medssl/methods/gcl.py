@@ -1,4 +1,4 @@
-"""GCL global stage (Chaitanya et al., NeurIPS 2020), baselines.md §2.1.
+"""GCL global stage (Chaitanya et al., NeurIPS 2020): partition-based contrastive pretraining of the encoder.
 
 Every volume is split into ``gcl_parts`` contiguous partitions along the slice axis; images of the
 same partition index in different volumes are treated as similar. Two augmented views per slice,

@@ -1,4 +1,4 @@
-"""GCL-full ("GLCL-full"): Chaitanya et al.'s global stage, then the local stage, baselines.md §2.2.
+"""GCL-full ("GLCL-full"): Chaitanya et al.'s global stage, then the local (decoder-level) stage.
 
 Stage 1 (the first ``1 - pretrain.gcl_local_fraction`` of the steps) is exactly :class:`GCL`: the
 global partition loss on the encoder. Stage 2 freezes the encoder (no gradients, BatchNorm in eval

@@ -1,4 +1,4 @@
-"""Positive masks for the SupCon family (``baselines.md`` §2.1, §3).
+"""Positive masks for the SupCon family: SimCLR's other view, PCL's slice positions, GCL's partitions.
 
 Convention shared with :func:`.supcon.supcon`: the 2B embeddings are ordered as
 [view 1 of items 0..B−1, view 2 of items 0..B−1], so row i and row i+B are the two
@@ -25,7 +25,7 @@ def other_view_mask(b: int, device: torch.device | None = None) -> torch.Tensor:
 
 
 def pcl_positive_mask(pos: torch.Tensor, theta: float, scan: torch.Tensor | None = None) -> torch.Tensor:
-    """PCL positives (§3) over the 2B set, from per-item positions ``pos`` (B,).
+    """PCL positives over the 2B set, from per-item positions ``pos`` (B,).
 
     pos = (i+1)/Z for slice i of a Z-slice volume. j ∈ P(i) iff |pos_i − pos_j| < θ
     (strictly), j ≠ i; the other view is always included, even for θ ≤ 0.
@@ -48,7 +48,7 @@ def pcl_positive_mask(pos: torch.Tensor, theta: float, scan: torch.Tensor | None
 
 
 def gcl_partition(slice_idx, n_slices, n_parts: int = 4):
-    """GCL partition index (0-based) of slice ``slice_idx`` in a ``n_slices``-slice volume (§2.1).
+    """GCL partition index (0-based) of slice ``slice_idx`` in a ``n_slices``-slice volume.
 
     q = max(1, round_half_up(Z / n_parts)); partition = min(i // q, n_parts − 1).
     round_half_up is done in integers, (2Z + n) // (2n), so 2.5 → 3 (Python's
@@ -68,7 +68,7 @@ def gcl_partition(slice_idx, n_slices, n_parts: int = 4):
 
 
 def partition_positive_mask(parts: torch.Tensor) -> torch.Tensor:
-    """GCL ``supcon_partition`` positives (§2.1) over the 2B set, from per-item partitions (B,).
+    """GCL ``supcon_partition`` positives over the 2B set, from per-item partitions (B,).
 
     j ∈ P(i) iff partition_i == partition_j (same or other volume), j ≠ i; the other
     view of i always qualifies.

@@ -25,7 +25,6 @@ medssl has it, by registration; a class missing from a label-free key slice scor
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
 import sys
 import time
@@ -95,7 +94,7 @@ def patients_table(summary: list[dict]) -> str:
 
 
 def run_patients(args) -> None:
-    from medssl.report.experiment import load_experiment, read_results, run_experiment
+    from medssl.pipeline.experiment import load_experiment, read_results, run_experiment
 
     args.out.mkdir(parents=True, exist_ok=True)
     spec_path = args.out / "experiment.yaml"
@@ -125,7 +124,7 @@ def registration_backend():
     except ImportError:
         return None
     for name in ("registration", "register"):
-        if name in getattr(prop, "BACKENDS", ()):
+        if name in getattr(prop, "propagation_backends", tuple)():
             def run(slices, ann, name=name):
                 labels, _ = prop.propagate_volume(slices, ann, prop.PropagateConfig(backend=name))
                 return {c: labels == c for c in ann.keys}
@@ -225,14 +224,9 @@ def slices_table(rows: list[dict], n_volumes: int) -> str:
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
-    from medssl.data.volume import atomic_write
+    from medssl.data import atomic
 
-    def write(tmp):
-        with open(tmp, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
-            w.writeheader()
-            w.writerows(rows)
-    atomic_write(path, write)
+    atomic.write_csv(path, rows)  # every key of every row as a column
 
 
 def parse(argv=None):

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
 import time
 
 import numpy as np
 import torch
 from monai import transforms as T
 
-from bench_md import write_section
+from bench_md import measure, write_section
 from medssl.config import AugConfig
 from medssl.data.augment import build_augmentation, make_generator
 
@@ -41,16 +40,6 @@ def monai_pipeline(c: AugConfig) -> T.Compose:
         T.RandShiftIntensityd("image", offsets=c.intensity_shift, prob=c.intensity_prob),
         T.RandGaussianNoised("image", prob=c.noise_prob, std=c.noise_std),
     ])
-
-
-def time_it(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -79,7 +68,7 @@ def main() -> None:
         step["n"] += 1
         batched(x, y, make_generator(step["n"]))
 
-    t_monai, t_ours = time_it(monai_batch, args.repeats), time_it(medssl_batch, args.repeats)
+    t_monai, t_ours = measure(monai_batch, args.repeats).median, measure(medssl_batch, args.repeats).median
     rows = [("MONAI dictionary transforms, per sample", t_monai), ("medssl BatchAugment (one grid_sample)", t_ours)]
     table = ["| augmentation | ms per batch | ms per slice | slices/s |", "|---|---:|---:|---:|"]
     for name, t in rows:
@@ -88,7 +77,8 @@ def main() -> None:
         f"Command: `python benchmarks/bench_augment.py --size {args.size} --batch {args.batch} "
         f"--repeats {args.repeats} --write`",
         f"Date: {time.strftime('%Y-%m-%d %H:%M')}; torch {torch.__version__}; {torch.get_num_threads()} threads; "
-        f"batch {args.batch} of {args.size}×{args.size} slices, default `aug` settings, median of {args.repeats}.",
+        f"batch {args.batch} of {args.size}×{args.size} slices, default `aug` settings, median per batch "
+        f"(`torch.utils.benchmark.Timer`, about {args.repeats} timed batches after its warm-up).",
         "", *table, "", f"Speed-up: {t_monai / t_ours:.0f}×."])
     print(text)
     if args.write:

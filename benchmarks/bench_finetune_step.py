@@ -6,10 +6,10 @@ Every (model, dtype) pair runs in a fresh subprocess so that its peak-memory fig
 growth of the process's peak resident set size (``resource.getrusage(RUSAGE_SELF).ru_maxrss``) from just after the
 imports and a tiny warm-up convolution to the end of the timed steps. It covers weights, gradients, Adam state, activations, the input
 batch and whatever the allocator (glibc, oneDNN scratch) keeps, i.e. what the OS had to give the process.
-Throughput is batch / median step time after ``--warmup`` untimed steps. FLOPs are the analytic count of
+Throughput is batch / median step time (``torch.utils.benchmark.Timer``) after ``--warmup`` untimed steps. FLOPs are the analytic count of
 ``torch.utils.flop_counter.FlopCounterMode`` over forward + loss + backward of one step (convolutions and matmuls
-only; the elementwise Adam update, BN and activations are not counted). The peak is a big ``torch.mm`` loop in fp32
-and bf16, measured in the same run with the same thread count.
+only; the elementwise Adam update, BN and activations are not counted). The peak is a big ``torch.mm`` in fp32 and
+bf16, timed with ``torch.utils.benchmark.Timer`` in the same run with the same thread count.
 """
 
 from __future__ import annotations
@@ -23,13 +23,12 @@ import platform
 import re
 import resource
 import shlex
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from bench_md import write_section
+from bench_md import measure, write_section
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = ("medssl-unet", "monai-basicunet", "monai-unet")
@@ -131,16 +130,13 @@ def worker(args: argparse.Namespace) -> None:
     flops = counter.get_total_flops()
     for _ in range(args.warmup):
         losses.append(step())
-    times = []
+    # CPU use is process CPU time over wall time of the whole measurement (Timer's warm-up included)
     ru0, w0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-    for _ in range(args.steps):
-        t0 = time.perf_counter()
-        losses.append(step())
-        times.append(time.perf_counter() - t0)
+    m = measure(lambda: losses.append(step()), args.steps, threads=args.threads)
     ru1, w1 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     cpu_s = (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)
     peak_kib = ru1.ru_maxrss
-    med = statistics.median(times)
+    med = m.median
     print(
         json.dumps(
             {
@@ -149,7 +145,7 @@ def worker(args: argparse.Namespace) -> None:
                 "dtype": args.worker_dtype,
                 "params": _count(model),
                 "step_s": med,
-                "step_s_min": min(times),
+                "step_s_min": min(m.times),
                 "images_per_s": args.batch / med,
                 "flops": flops,
                 "gflops_per_s": flops / med / 1e9,
@@ -163,22 +159,16 @@ def worker(args: argparse.Namespace) -> None:
     )
 
 
-def matmul_peak(n: int, dtype_name: str, threads: int, reps: int = 5) -> float:
-    """Best-of GFLOP/s of an n x n x n torch.mm (fp32 or bf16), same thread count as the benchmark."""
+def matmul_peak(n: int, dtype_name: str, threads: int, reps: int = 15) -> float:
+    """GFLOP/s of an n x n x n torch.mm (fp32 or bf16) in its fastest Timer block, same thread count as the
+    benchmark."""
     import torch
 
     torch.set_num_threads(threads)
     dtype = torch.float32 if dtype_name == "fp32" else torch.bfloat16
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
     out = torch.empty(n, n, dtype=dtype)
-    for _ in range(2):
-        torch.mm(a, b, out=out)
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for _ in range(3):
-            torch.mm(a, b, out=out)
-        best = min(best, (time.perf_counter() - t0) / 3)
+    best = min(measure(lambda: torch.mm(a, b, out=out), reps, threads=threads).times)
     return 2 * n**3 / best / 1e9
 
 
@@ -249,7 +239,8 @@ def markdown_table(rows: list[dict], peaks: dict[str, float]) -> str:
             f"| {100 * r['cpu_use']:.0f}% | {r['saved_mib']:.0f} | {r['state_mib']:.0f} | {r['rss_delta_mib']:.0f} |"
         )
     peak_line = ", ".join(f"{d} {g:.1f} GFLOP/s" for d, g in peaks.items())
-    return "\n".join(lines) + f"\n\nMatmul peak (`torch.mm`, best of 5×3): {peak_line}."
+    return "\n".join(lines) + (f"\n\nMatmul peak (`torch.mm`, fastest `torch.utils.benchmark.Timer` block): "
+                                f"{peak_line}.")
 
 
 def section(args: argparse.Namespace, table: str) -> str:
@@ -268,8 +259,8 @@ logits) → backward → `Adam.step`, models in train mode, random 1×{args.size
 classes, batch {args.batch}. bf16 = forward under `torch.autocast("cpu", dtype=torch.bfloat16)` (the weights, the
 optimizer and the loss stay fp32). MONAI widths are chosen to match the medssl UNet's parameter count.
 
-- **images/s**: batch / median step time over {args.steps} timed steps, after one untimed counting step (FLOPs,
-  saved tensors) and {args.warmup} warm-up step(s).
+- **images/s**: batch / median step time (`torch.utils.benchmark.Timer`, about {args.steps} timed steps after its
+  own warm-up), after one untimed counting step (FLOPs, saved tensors) and {args.warmup} warm-up step(s).
 - **CPU use**: process CPU time / (wall time × threads) over the timed steps; well under 100% means the threads
   were descheduled (other processes on the machine) and the row's speed is understated.
 - **GFLOP/step**: analytic, `torch.utils.flop_counter.FlopCounterMode` over forward + loss + backward (convolutions

@@ -1,4 +1,4 @@
-"""KAF layer: medssl's sparse diffusion vs the dense formulation (kaf.md §2.3, §10.4), one training step.
+"""KAF layer: medssl's sparse diffusion vs the dense formulation (docs/kaf.md#kaf-layer), one training step.
 
 Both compute the same function (checked here with ``allclose`` on every configuration before timing): the
 medssl :class:`~medssl.models.kaf.KAFLayer` works on the cells the keypoints reach only; the dense reference
@@ -6,7 +6,8 @@ medssl :class:`~medssl.models.kaf.KAFLayer` works on the cells the keypoints rea
 B x D x H x W map and convolves it. Same weights, same inputs; a step is forward + backward of
 ``sum(out * w) + sum(S)``.
 
-Time: median over ``--steps`` steps after one warm-up step. Peak memory: each (size, implementation) runs
+Time: median step time from ``torch.utils.benchmark.Timer`` (about ``--steps`` timed steps after its own
+warm-up; it synchronises CUDA before reading the clock). Peak memory: each (size, implementation) runs
 in a fresh subprocess and makes one warm-up step first (kernel choice, library code paged in, caches).
 On CPU it then resets the resident-set high-water mark (``echo 5 > /proc/self/clear_refs``) and reports
 ``VmHWM`` after the timed steps minus the resident set before them, i.e. the extra memory a step needs
@@ -21,10 +22,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -32,6 +31,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from bench_md import measure, write_section  # noqa: E402
 from kaf_dense_reference import dense_kaf_forward  # noqa: E402
 
 from medssl.models.kaf import KAFLayer  # noqa: E402
@@ -80,18 +80,12 @@ def child(args) -> None:
     else:
         Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident set
         base_rss = _status_kb("VmRSS")
-    times = []
-    for _ in range(args.steps):
-        t0 = time.perf_counter()
-        step()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+    time_s = measure(step, args.steps, threads=args.threads).median
     if cuda:
         peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
     else:
         peak_mb = (_status_kb("VmHWM") - base_rss) / 1024
-    print(json.dumps({"time_s": statistics.median(times), "peak_mb": peak_mb}))
+    print(json.dumps({"time_s": time_s, "peak_mb": peak_mb}))
 
 
 def check_same(size: int, args) -> float:
@@ -168,7 +162,8 @@ def main() -> None:
     text = "\n".join([
         f"KAF layer, one training step (forward + backward), batch {args.batch}, {args.keypoints} keypoints per "
         f"image (no collisions), C={args.channels}, D={args.dim}, {args.attention} attention layers, "
-        f"{args.device}, {args.threads} thread(s), median of {args.steps} steps after a warm-up step. "
+        f"{args.device}, {args.threads} thread(s), median step time (`torch.utils.benchmark.Timer`, about "
+        f"{args.steps} timed steps after its warm-up). "
         "medssl: sparse throughout (Conv3x3 D->64, BatchNorm, ReLU and Conv3x3 64->C on the cells the "
         "keypoints reach plus one constant; no 64-channel map is built); dense: the released code's "
         "formulation (a zero B x D x H x W map, then Conv3x3), `benchmarks/kaf_dense_reference.py`. "
@@ -184,8 +179,6 @@ def main() -> None:
     ])
     print(text)
     if args.write:
-        from bench_md import write_section
-
         write_section("kaf_layer", "KAF layer: sparse vs dense diffusion", text)
 
 

@@ -3,8 +3,9 @@
     python benchmarks/bench_pretrain.py --steps 20 --batch 16 --size 64 --features 16 [--write]
 
 PolyCL variants use ``slab_fraction=1.0`` here: Hippocampus crops contain the target in every slice of the
-default central 30% slab, which leaves PolyCL-O/M without negatives. Each method trains its own model from the same initial encoder for ``--steps`` optimiser steps
-(after 2 warm-up steps) with bf16 autocast where supported; slices/s counts the *input* slices per
+default central 30% slab, which leaves PolyCL-O/M without negatives. Each method trains its own model from the
+same initial encoder; a step's time is the median from ``torch.utils.benchmark.Timer`` over about ``--steps``
+optimiser steps after its warm-up, with bf16 autocast where supported; slices/s counts the *input* slices per
 step (SimCLR/PCL/GCL: 2 views per slice; PolyCL: anchor + positive + negative per anchor), so the
 figure is what a user feeds, and the per-step encoder passes are listed too. Baseline for comparison:
 one supervised fine-tuning step of the same UNet on the same batch (Dice+CE).
@@ -13,7 +14,7 @@ one supervised fine-tuning step of the same UNet on the same batch (Dice+CE).
 from __future__ import annotations
 
 import argparse
-import statistics
+import itertools
 import time
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 from monai.losses import DiceCELoss
 
-from bench_md import write_section
+from bench_md import measure, write_section
 from medssl.config import AugConfig, DataConfig, PretrainConfig
 from medssl.data.augment import make_generator
 from medssl.data.cache import prepare
@@ -57,13 +58,8 @@ def main() -> None:
     sampler_ms: dict[str, float] = {}
 
     def run(name, step_fn):
-        times = []
-        for i in range(args.steps + 2):
-            t0 = time.perf_counter()
-            step_fn(i)
-            if i >= 2:
-                times.append(time.perf_counter() - t0)
-        results.append((name, statistics.median(times)))
+        counter = itertools.count()  # step i seeds the step's generator, as in training
+        results.append((name, measure(lambda: step_fn(next(counter)), args.steps).median))
         print(name, f"{args.batch / results[-1][1]:.1f} slices/s", flush=True)
 
     # supervised reference
@@ -86,16 +82,18 @@ def main() -> None:
         seg_m = build_model(backbone, in_channels=1, n_classes=2, features=args.features)
         # Hippocampus crops hold the target in every central-slab slice: PolyCL-O/M need the whole volume
         slab = 1.0 if name.startswith("polycl") else 0.3
-        method = build_method(name, seg_m.encoder, PretrainConfig(method=name, slab_fraction=slab), AugConfig(),
+        method = build_method(name, seg_m.encoder, PretrainConfig(method=name, options={"polycl": {"slab_fraction": slab}}), AugConfig(),
                               decoder=seg_m.decoder)
         if stage == "local":
             method.set_step(1, 1)  # the local stage (encoder frozen, decoder stages + g2 trained)
-        rows = method.select_rows(cache, rows_all) if hasattr(method, "select_rows") else rows_all
+        rows = method.select_rows(cache, rows_all)
         if hasattr(method, "_draw"):  # the sampler alone: drawing one batch of (positive, negative) rows
-            t0 = time.perf_counter()
-            for i in range(20):
-                method._draw(rng.choice(rows, args.batch).tolist(), make_generator(i))
-            sampler_ms[f"{name} ({backbone})"] = (time.perf_counter() - t0) / 20 * 1e3
+            draws = itertools.count()
+
+            def draw(method=method, rows=rows, draws=draws):
+                method._draw(rng.choice(rows, args.batch).tolist(), make_generator(next(draws)))
+
+            sampler_ms[f"{name} ({backbone})"] = measure(draw, 20).median * 1e3
         mopt = torch.optim.AdamW(method.parameters(), 1e-3)
 
         def step(i, method=method, rows=rows, mopt=mopt):
@@ -114,7 +112,8 @@ def main() -> None:
     lines = [f"Command: `python benchmarks/bench_pretrain.py --steps {args.steps} --batch {args.batch} "
              f"--size {args.size} --features {args.features} --write`",
              f"Date: {time.strftime('%Y-%m-%d %H:%M')}; torch {torch.__version__}; {torch.get_num_threads()} threads; "
-             f"bf16 autocast {'on' if amp else 'off'}; Hippocampus cache at {args.size}²; median of {args.steps} steps.",
+             f"bf16 autocast {'on' if amp else 'off'}; Hippocampus cache at {args.size}²; median step "
+             f"(`torch.utils.benchmark.Timer`, about {args.steps} timed steps).",
              "", "| method (backbone) | slices/s (input anchors) | encoder passes per slice | ms per step | "
              "of which sampler ms |", "|---|---:|---:|---:|---:|"]
     for name, t in results:

@@ -8,14 +8,16 @@ input like every slice) on which liver, spleen and stomach are all present; one 
 
 * **baseline (per call)**: for every box, ``set_image`` + ``predict(one box)`` — the image is
   re-encoded for each prompt (plain fp32 model, BatchNorm not fused); the straightforward use of
-  upstream's ``medsam_inference`` (sam.md §1.4 quotes ≈ 1.9 s per call on 2 cores).
+  upstream's ``medsam_inference`` (about 1.9 s per call on 2 cores).
 * **medssl**: one ``set_image`` per slice, all boxes in one decoder batch, BatchNorm folded into
   the convolutions, channels_last memory (the default); variants: NCHW, bfloat16 autocast of the
   encoder.
 
-Reported per variant: median seconds per slice (after one warm-up slice), encoder and decoder
-shares, mean Dice against the (model-generated) labels, and the minimum Dice between the variant's
-masks and the baseline's (1.0 = identical decisions). Timings on a shared machine are provisional.
+Reported per variant: median seconds per slice, encoder share, CPU seconds, mean Dice against the
+(model-generated) labels, and the minimum Dice between the variant's masks and the baseline's (1.0 = identical
+decisions). Every slice is timed with ``torch.utils.benchmark.Timer``
+(one warm-up call, then one timed call; CPU seconds the same way with ``time.process_time`` as Timer's clock).
+Timings on a shared machine are provisional.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench_md import write_section
+from bench_md import measure_once, write_section
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "ct_example"
@@ -59,7 +61,7 @@ def load_case(n_slices: int):
     lab = np.asarray(nib.as_closest_canonical(nib.load(DATA / "example_seg.nii.gz")).dataobj).astype(np.int16)
     zs = [z for z in range(lab.shape[2]) if all((lab[:, :, z] == c).sum() > 50 for c in ORGANS.values())]
     pick = [zs[i] for i in np.linspace(0, len(zs) - 1, min(n_slices + 1, len(zs))).round().astype(int)]
-    return img, lab, pick  # pick[0] is the warm-up slice
+    return img, lab, pick  # pick[0] is not timed (the former warm-up slice: the same slices stay timed)
 
 
 def dice(a, b) -> float:
@@ -67,40 +69,45 @@ def dice(a, b) -> float:
 
 
 def run_baseline(seg, img, lab, zs, mask_to_box):
+    """Wall and CPU seconds per timed slice (``zs[1:]``) and the masks of every timed slice."""
     times, cpu, out = [], [], {}
-    for i, z in enumerate(zs):
-        masks = []
-        t0, c0 = time.perf_counter(), time.process_time()
-        for c in ORGANS.values():
-            seg.set_image(img[:, :, z])  # re-encode per prompt
-            masks.append(seg.predict(mask_to_box(lab[:, :, z] == c)[None])[0][0])
-        if i:
-            times.append(time.perf_counter() - t0)
-            cpu.append(time.process_time() - c0)
-        out[z] = masks
+    for z in zs[1:]:
+        def work(z=z):
+            masks = []
+            for c in ORGANS.values():
+                seg.set_image(img[:, :, z])  # re-encode per prompt
+                masks.append(seg.predict(mask_to_box(lab[:, :, z] == c)[None])[0][0])
+            out[z] = masks
+
+        times.append(measure_once(work))
+        cpu.append(measure_once(work, timer=time.process_time))
     return times, cpu, out
 
 
 def run_medssl(seg, img, lab, zs, mask_to_box):
+    """Wall, CPU and encoder seconds per timed slice (``zs[1:]``) and the masks of every timed slice."""
     times, cpu, enc, out = [], [], [], {}
-    for i, z in enumerate(zs):
+    for z in zs[1:]:
         boxes = np.stack([mask_to_box(lab[:, :, z] == c) for c in ORGANS.values()])
-        t0, c0 = time.perf_counter(), time.process_time()
-        seg.set_image(img[:, :, z])
-        seg.embedding()
-        t1 = time.perf_counter()
-        masks, _ = seg.predict(boxes)
-        if i:
-            times.append(time.perf_counter() - t0)
-            cpu.append(time.process_time() - c0)
-            enc.append(t1 - t0)
-        out[z] = list(masks)
+
+        def encode(z=z):
+            seg.set_image(img[:, :, z])
+            seg.embedding()
+
+        def work(z=z, boxes=boxes, encode=encode):
+            encode()
+            masks, _ = seg.predict(boxes)
+            out[z] = list(masks)
+
+        times.append(measure_once(work))
+        cpu.append(measure_once(work, timer=time.process_time))
+        enc.append(measure_once(encode))
     return times, cpu, enc, out
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--slices", type=int, default=4, help="timed slices (plus one warm-up slice)")
+    ap.add_argument("--slices", type=int, default=4, help="timed slices (the first picked slice is skipped)")
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--write", action="store_true", help="write the table to BENCHMARKS.md")
@@ -140,7 +147,8 @@ def main(argv=None) -> None:
         f"{os.getloadavg()[0]:.1f} at the end — a shared machine). "
         f"`python benchmarks/bench_sam.py --slices {args.slices} --threads {args.threads}`: "
         f"{len(zs) - 1} timed CT slices (ct_example, 122×101 → 256² model input), 3 boxes per slice "
-        f"(liver, spleen, stomach ground-truth boxes), one warm-up slice. Model load {load_s:.1f} s.",
+        f"(liver, spleen, stomach ground-truth boxes), each timed with `torch.utils.benchmark.Timer` after a "
+        f"warm-up call. Model load {load_s:.1f} s.",
         "",
         "| path | wall s / slice (3 boxes) | of which encoder | speed-up (wall) | CPU s / slice "
         "(all threads) | mean Dice vs labels | min Dice vs baseline masks |",

@@ -185,17 +185,15 @@ def child_monai(args) -> dict:
 
 # ---------------------------------------------------------------------------------------------- parent
 def mm_peak(dtype_name: str) -> float:
+    """GFLOP/s of a 2048³ ``torch.mm`` in its fastest ``torch.utils.benchmark.Timer`` block."""
     import torch
+
+    from bench_md import measure
 
     dtype = getattr(torch, dtype_name)
     a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
-    best = 0.0
-    for _ in range(5):
-        t = time.perf_counter()
-        for _ in range(3):
-            a @ b
-        best = max(best, 3 * 2 * 2048**3 / (time.perf_counter() - t))
-    return best / 1e9
+    best = min(measure(lambda: a @ b, 15).times)
+    return 2 * 2048**3 / best / 1e9
 
 
 def run_cell(src: Path, cell, mode: str, steps: int, out: Path, monai: bool = False) -> dict:

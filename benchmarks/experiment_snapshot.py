@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from medssl.report.experiment import read_results
+from medssl.pipeline.experiment import read_results
 from medssl.report.tables import results_table, save_plot
 
 
@@ -46,7 +46,7 @@ def main() -> None:
     header = [f"# {args.run.name}: as far as the grid got ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})", "",
               f"- {n_cells} cells of {len(exp['methods'])} rows x {len(exp['budgets'])} budgets x "
               f"{len(exp['seeds'])} seeds x {len(exp['folds'])} folds; wall time so far {wall:.1f} h on this machine",
-              f"- trained with commit(s) {', '.join(sorted(commits)) or 'unknown'}; command `medssl experiment "
+              f"- trained with commit(s) {', '.join(sorted(commits)) or 'unknown'}; command `medssl experiment -c "
               f"{exp.get('name', args.run.name)}` (resumes)",
               f"- fine-tuning choices made on validation: {exp.get('select') or 'none'} (column `choice`)", "", ""]
     (args.dest / "results.md").write_text("\n".join(header) + results_table(rows, reference=exp.get(

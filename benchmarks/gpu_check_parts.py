@@ -64,18 +64,13 @@ class Parts:
 
     def kaf_sections(self) -> dict:
         """model/pretrain settings for kaf: the kaf_hippocampus preset's sizes (GPU) or test-sized (CPU)."""
-        import dataclasses
-
-        from medssl.config import PretrainConfig, load_config
+        from medssl.config import load_config
 
         if not self.cuda:
             return {"model": {"backbone": "kaf-unet", "features": self.s["features"], "options": KAF_CPU["options"]},
                     "pretrain": dict(KAF_CPU["pretrain"])}
         k = load_config("kaf_hippocampus")
-        default = dataclasses.asdict(PretrainConfig())
-        pre = {key: v for key, v in dataclasses.asdict(k.pretrain).items()
-               if key.startswith("kaf_") and v != default[key]}
-        return {"model": dataclasses.asdict(k.model), "pretrain": pre}
+        return {"model": k.to_dict()["model"], "pretrain": {"kaf": k.to_dict()["pretrain"].get("kaf", {})}}
 
     # ------------------------------------------------------------------ parts
     def part_data(self, limit):
@@ -213,7 +208,7 @@ class Parts:
     def part_refine(self, limit):
         from medssl.config import load_config
         from medssl.sam.refine import RefineConfig
-        from medssl.sam.refine_folder import refine_predictions
+        from medssl.pipeline.refine import refine_predictions
 
         seg = self.segmenter()
         preds = self.ctx["pred"][: self.s["n_refine"]]
@@ -233,7 +228,7 @@ class Parts:
 
     def part_propagate(self, limit):
         from medssl.config import load_config
-        from medssl.sam.propagate import run_propagate
+        from medssl.pipeline.propagate import run_propagate
 
         seg = self.segmenter()
         case = sorted((self.ctx["phantom"] / "labelsTr").glob("*.nii.gz"))[0].name

@@ -1,4 +1,4 @@
-"""A straightforward dense formulation of the KAF layer (kaf.md §2.3), for tests and the benchmark only.
+"""A straightforward dense formulation of the KAF layer (docs/kaf.md#kaf-layer), for tests and the benchmark only.
 
 It follows the released code's layout: padded (B, C, N) tensors through Conv1d-style point-wise layers and
 BatchNorm1d over (B, C, N), per-head attention written out with einsum/softmax, and the attended features
@@ -8,7 +8,7 @@ attention kernel, sparse diffusion), so agreement is a real check of the sparse 
 
 Limits (those of the released code's formulation): every keypoint of every sample is valid (the released
 code truncates all samples to the batch minimum), the norm is BatchNorm, collisions add up (the released
-code's last-write-wins is non-deterministic, kaf.md §10.5) and the sampler is the integer gather.
+code's last-write-wins is non-deterministic) and the sampler is the integer gather.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ def main(argv=None) -> int:
     from medssl.data.phantom import write_phantom_dataset
     from medssl.data.phantom_scanners import write_scanner_phantom
     from medssl.planning import write_plan
-    from medssl.report.experiment import load_experiment, run_experiment
+    from medssl.pipeline.experiment import load_experiment, run_experiment
 
     if args.which == "phantom":
         data = write_phantom_dataset(ROOT / "runs" / "plan_phantom" / "phantom", n_cases=16, seed=0)

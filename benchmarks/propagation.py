@@ -19,7 +19,7 @@ Dice, ties to the smaller k): Hippocampus -- volumes sampled from the folds othe
 preset's test fold; demo phantom -- other phantom cases than the test ones; CT example -- there is only one
 volume, so k* is chosen on its *other* organs (kidneys, gallbladder, pancreas) and reported on liver, spleen
 and stomach. All SAM methods of a volume share one image embedding per slice. Per-volume results are cached as
-JSON under ``--work`` (a killed run resumes); tables go to ``--results`` (propagation.csv / propagation.md).
+JSON under ``--work`` (a killed run resumes); tables go to ``--results`` (``propagation.{csv,md}``).
 """
 
 from __future__ import annotations

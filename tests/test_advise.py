@@ -131,7 +131,7 @@ def test_advise_with_a_pretrained_encoder(phantom_root, tmp_path):
 @pytest.mark.parametrize("args, needle", [
     (["--budget", "99"], "--budget: M=99 exceeds the 5 training patients"),
     (["--budget", "0"], "--budget"),
-    (["--budget", "2", "--strategy", "nope"], "--strategy: unknown strategy 'nope'"),
+    (["--budget", "2", "--strategy", "nope"], "'--strategy': 'nope' is not one of 'random', 'kcenter'"),
     (["--budget", "2", "--init", "/no/such/last.pt"], "/no/such/last.pt"),
 ])
 def test_advise_bad_input_errors_cleanly(phantom_root, tmp_path, capsys, args, needle):
@@ -205,7 +205,7 @@ def test_slice_benchmark_runs_on_the_phantom(phantom_root, tmp_path):
     spec = bench.experiment_spec(bench.parse([]))
     assert spec["selection"][0] == "seeded" and spec["methods"][1]["method"] == "pcl"
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
-    from medssl.report.experiment import load_experiment
+    from medssl.pipeline.experiment import load_experiment
 
     assert load_experiment(tmp_path / "spec.yaml").selection == spec["selection"]  # a valid experiment
     fake = [{"method": "random", "selection": sel, "M": 1, "fold": f, "seed": s, "dice_mean": 0.5 + gain + 0.01 * s}
@@ -222,7 +222,7 @@ def test_slice_benchmark_runs_on_the_phantom(phantom_root, tmp_path):
 def test_selection_axis_gives_paired_rows(phantom_root, tmp_path):
     from medssl.advise.embed import project
     from medssl.advise.run import embed_patients
-    from medssl.report.experiment import ExperimentConfig, load_experiment, run_experiment
+    from medssl.pipeline.experiment import ExperimentConfig, load_experiment, run_experiment
 
     assert ExperimentConfig().selection == ["seeded"]
     cache_dir = f"data.cache_dir={tmp_path / 'c'}"
@@ -281,7 +281,7 @@ def split_cache(tmp_path, phantom_root):
 
 
 def test_default_selection_leaves_rows_unchanged(phantom_root, tmp_path):
-    from medssl.report.experiment import load_experiment, run_experiment
+    from medssl.pipeline.experiment import load_experiment, run_experiment
 
     spec = {"base": "demo", "data": str(phantom_root), "output_dir": str(tmp_path / "exp"), "methods": ["random"],
             "budgets": [1], "seeds": [0], "finetune": [*TINY, f"data.cache_dir={tmp_path / 'c'}"]}
@@ -297,7 +297,7 @@ def test_default_selection_leaves_rows_unchanged(phantom_root, tmp_path):
     (["seeded", "nope"], "unknown strategy 'nope'"), (["kcenter@pcl"], "features 'pcl'"),
     (["seeded", "seeded"], "unique"), ([], "non-empty")])
 def test_bad_selection_is_rejected_before_training(tmp_path, selection, needle):
-    from medssl.report.experiment import load_experiment
+    from medssl.pipeline.experiment import load_experiment
 
     path = tmp_path / "exp.yaml"
     path.write_text(yaml.safe_dump({"base": "demo", "methods": ["random", "simclr"], "selection": selection}))
@@ -313,7 +313,7 @@ def test_selection_on_a_pretrained_row_pairs_the_methods(phantom_root, tmp_path)
     same patients; the embeddings are computed once per fold and kept in ``<output_dir>/advise``."""
     from medssl.engine.checkpoint import save_checkpoint
     from medssl.models import build_model
-    from medssl.report.experiment import load_experiment, run_experiment
+    from medssl.pipeline.experiment import load_experiment, run_experiment
 
     model = build_model("unet", in_channels=1, n_classes=4, features=8)
     ckpt = tmp_path / "pre.pt"

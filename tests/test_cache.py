@@ -189,3 +189,21 @@ def test_real_hippocampus_ten_cases(hippocampus_root, tmp_path):
     assert np.isfinite(np.asarray(cache.images)).all()
     z = cache.n_slices[0]
     assert z == cache.meta["volumes"][cache.case_ids[0]]["shape"][2]
+
+
+def test_read_api(phantom_root, tmp_path):
+    cache = prepare(_cfg(phantom_root, tmp_path / "c"), progress=False)
+    rows = [17, 3, 40, 3, 0]  # any order, repeats allowed
+    got = cache.read_images(rows)
+    assert got.dtype == np.float32 and got.shape == (5, 32, 32) and type(got) is np.ndarray
+    for i, r in enumerate(rows):
+        np.testing.assert_array_equal(got[i], np.asarray(cache.images[r]))
+    case = sorted(cache.meta["cases"])[2]
+    a, b = cache.span(case)
+    assert (a, b) == tuple(cache.meta["cases"][case]) and set(cache.case_ids[a:b]) == {case}
+    np.testing.assert_array_equal(cache.rows([case]), np.arange(a, b))
+    assert cache.volume(case)["content"] == cache.meta["volumes"][case]["content"]
+    assert cache.labelled_cases == sorted(cache.meta["cases"]) and cache.unlabelled_cases == []
+    assert cache.dataset_root == Path(phantom_root).resolve()
+    with pytest.raises(DataError, match="'nope' is not in the prepared cache"):
+        cache.span("nope")

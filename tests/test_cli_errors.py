@@ -3,6 +3,7 @@ a non-zero exit, and nothing half-written left behind."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -49,6 +50,73 @@ def test_unknown_config_key(tmp_path):
 def test_missing_config_file_and_bad_value(tmp_path):
     assert_one_line_error(run_cli("config", "--config", tmp_path / "nope.yaml", cwd=tmp_path), "nope.yaml")
     assert_one_line_error(run_cli("config", "--config", "demo", "data.size=50", cwd=tmp_path), "'data.size'")
+
+
+# ------------------------------------------------------------------ options, choices, positional forms
+def test_misspelt_option_names_the_closest_one(tmp_path):
+    res = run_cli("config", "--confg", "demo", "train.lr=1e-3", cwd=tmp_path)
+    line = assert_one_line_error(res, "no such option --confg (did you mean --config?)")
+    assert "override" not in line and res.returncode == 2
+    assert_one_line_error(run_cli("evaluate", tmp_path, "--prat", "val", cwd=tmp_path),
+                          "no such option --prat (did you mean --part?)")
+    assert_one_line_error(run_cli("finetune", "-c", "demo", "--xyzzy", cwd=tmp_path), "no such option --xyzzy")
+    assert_one_line_error(run_cli("finetune", "-c", "demo", "stray", cwd=tmp_path), "unexpected argument 'stray'")
+    ok = run_cli("config", "-c", "demo", "--train.lr=0.5", "split.budget=3", cwd=tmp_path)  # overrides still work
+    assert ok.returncode == 0 and "lr: 0.5" in ok.stdout and "budget: 3" in ok.stdout, ok.stderr
+
+
+def test_help_lists_every_command_and_the_common_options(tmp_path):
+    res = run_cli("--help", cwd=tmp_path)
+    assert res.returncode == 0 and res.stderr == ""
+    for command in ("prepare", "check", "plan", "finetune", "pretrain", "evaluate", "predict", "experiment", "advise",
+                    "refine", "propagate", "demo", "config"):
+        assert f" {command} " in res.stdout, command
+    assert "--config/-c" in res.stdout and "--data/-d" in res.stdout and "KEY=VALUE" in res.stdout
+
+
+def test_invalid_choice_lists_the_choices(tmp_path):
+    assert_one_line_error(run_cli("finetune", "--init-mode", "half", cwd=tmp_path),
+                          "--init-mode", "'half' is not one of 'encoder', 'full'")
+    assert_one_line_error(run_cli("plan", "-d", tmp_path, "--budget", "tpu", cwd=tmp_path), "'cpu', 'gpu'")
+    assert_one_line_error(run_cli("check", "-d", tmp_path, "--modality", "PET", cwd=tmp_path), "--modality")
+    assert_one_line_error(run_cli("evaluate", tmp_path, "--part", "train", cwd=tmp_path), "'test', 'val'")
+
+
+def test_pretrain_method_choices_come_from_the_registry(tmp_path):
+    from medssl.methods import available_methods
+
+    res = run_cli("pretrain", "-c", "demo", "--method", "byol", cwd=tmp_path)
+    line = assert_one_line_error(res, "--method", "'byol' is not one of")
+    assert all(f"'{m}'" in line for m in available_methods())
+    wide = {**os.environ, "COLUMNS": "250"}  # one table row per option
+    helptext = subprocess.run([sys.executable, "-m", "medssl", "pretrain", "--help"], cwd=tmp_path, env=wide,
+                              capture_output=True, text=True, timeout=120).stdout
+    assert "<" + "|".join(available_methods()) + ">" in helptext
+
+
+def test_refine_and_propagate_options_that_became_settings(tmp_path):
+    res = run_cli("refine", tmp_path, "--data", tmp_path, "-o", tmp_path / "o", "--merge", "union", cwd=tmp_path)
+    assert_one_line_error(res, "no such option --merge", "sam.merge=VALUE")
+    res = run_cli("propagate", "-d", tmp_path / "i.nii.gz", "-o", tmp_path / "o.nii.gz", "--backend", "register",
+                  cwd=tmp_path)
+    assert_one_line_error(res, "no such option --backend", "propagate.backend=VALUE")
+    res = run_cli("refine", tmp_path, "-d", tmp_path, "-o", tmp_path / "o", "sam.merj=union", cwd=tmp_path)
+    assert_one_line_error(res, "unknown config key 'sam.merj'", "merge")
+    res = run_cli("propagate", "-d", tmp_path / "i.nii.gz", "-o", tmp_path / "o.nii.gz", "sam.merge=union",
+                  cwd=tmp_path)
+    assert_one_line_error(res, "unknown config key 'sam.merge'", "propagate")
+    assert not (tmp_path / "o").exists()
+
+
+def test_old_positional_forms_still_work_with_a_warning(tmp_path):
+    root = make_msd(tmp_path / "ds", 2)
+    res = run_cli("check", root, "--flip-axes", "", cwd=tmp_path)
+    assert res.returncode == 0 and "0 problem(s)" in res.stdout, res.stderr
+    warning = f"medssl: warning: 'medssl check {root}' is deprecated: use 'medssl check --data {root}'"
+    assert res.stderr.strip() == warning
+    res = run_cli("experiment", tmp_path / "missing.yaml", cwd=tmp_path)
+    assert "deprecated" in res.stderr and "missing.yaml" in res.stderr.splitlines()[-1] and res.returncode == 2
+    assert_one_line_error(run_cli("check", root, "-d", root, cwd=tmp_path), "unexpected argument")
 
 
 # ------------------------------------------------------------------ prepare
@@ -114,7 +182,7 @@ def test_check_lists_every_broken_file(tmp_path):
     broken.append(write_nifti(root / "imagesTr" / "case_003.nii.gz", image))
     label[1, 1, 1] = 9
     broken.append(write_nifti(root / "labelsTr" / "case_004.nii.gz", label))
-    res = run_cli("check", root, cwd=tmp_path)
+    res = run_cli("check", "--data", root, cwd=tmp_path)
     assert res.returncode == 1
     assert "Traceback" not in res.stdout + res.stderr
     problem_lines = [ln for ln in res.stdout.splitlines() if ln.startswith(str(root))]
@@ -123,14 +191,14 @@ def test_check_lists_every_broken_file(tmp_path):
         assert any(ln.startswith(f"{path}:") for ln in problem_lines), (path, res.stdout)
     assert "case_002" not in res.stdout  # the healthy case is not reported
     assert "4 problem(s)" in res.stdout
-    ok = run_cli("check", make_msd(tmp_path / "fine", 2), cwd=tmp_path)
+    ok = run_cli("check", "-d", make_msd(tmp_path / "fine", 2), cwd=tmp_path)
     assert ok.returncode == 0 and "0 problem(s)" in ok.stdout
 
 
 # ------------------------------------------------------------------ predict / evaluate
 def test_predict_missing_checkpoint(tmp_path):
     root = make_msd(tmp_path / "ds", 1)
-    res = run_cli("predict", tmp_path / "missing.pt", root, "-o", tmp_path / "out", cwd=tmp_path)
+    res = run_cli("predict", tmp_path / "missing.pt", "--data", root, "-o", tmp_path / "out", cwd=tmp_path)
     assert_one_line_error(res, "missing.pt")
     assert not (tmp_path / "out").exists()
 
@@ -190,7 +258,7 @@ def test_pretrain_organ_flags_on_unlabelled_cases(phantom_copy, tmp_path):
               "train.steps_per_epoch=1", "train.batch_size=4", "split.val=1", "pretrain.slab_fraction=1.0",
               f"output_dir={runs}", f"data.cache_dir={tmp_path / 'cache'}"]
     res = run_cli("pretrain", "--method", "polycl-o", "--name", "o", *common, cwd=tmp_path)
-    assert_one_line_error(res, "polycl-o", "organ flags", "extra_001")
+    assert_one_line_error(res, "polycl-o", "needs the labels", "extra_001")
     assert not (runs / "o").exists()
     ok = run_cli("pretrain", "--method", "polycl-s", "--name", "s", *common, cwd=tmp_path)
     assert ok.returncode == 0, ok.stderr

@@ -81,6 +81,9 @@ class _Scans:
         self.images = torch.where(hot, base + 25 * torch.rand(s * z, 1, h, h, generator=g), base)[:, 0].numpy()
         self.case_ids = np.array([f"scan{i}" for i in range(s)]).repeat(z)
 
+    def read_images(self, rows) -> np.ndarray:
+        return self.images[np.asarray(rows)]
+
 
 def _pcl_run(position_r2_min: float, steps: int = 150) -> tuple[float, dict, dict]:
     from medssl.config import AugConfig, PretrainConfig
@@ -91,8 +94,8 @@ def _pcl_run(position_r2_min: float, steps: int = 150) -> tuple[float, dict, dic
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
     enc = build_model("unet", in_channels=1, n_classes=2, features=8).encoder
-    m = build_method("pcl", enc, PretrainConfig(method="pcl", pcl_theta=0.1, proj_dim=64,
-                                                position_r2_min=position_r2_min), AugConfig())
+    m = build_method("pcl", enc, PretrainConfig(method="pcl", proj_dim=64, position_r2_min=position_r2_min,
+                                                options={"pcl": {"theta": 0.1}}), AugConfig())
     rows = m.select_rows(data, np.arange(len(data.rel_pos)))
     opt = torch.optim.Adam(m.parameters(), lr=1e-3)
     x = torch.from_numpy(data.images)[:, None]

@@ -140,3 +140,48 @@ def test_dump_round_trip():
     cfg = load_config("hippocampus", ["train.lr=1e-4", "train.min_lr=1e-6", "data.ct_window=[-100,200]"])
     again = config_from_dict(yaml.safe_load(dump_config(cfg)))
     assert again == cfg
+
+
+# ------------------------------------------------------------------ method options (pretrain.<section>)
+def test_method_options_layout_and_legacy_keys(tmp_path):
+    import medssl.methods  # noqa: F401  (registers the methods' option sections)
+    from medssl.config import LEGACY_KEYS
+
+    new = load_config("demo", ["pretrain.pcl.theta=0.2", "pretrain.kaf.theta=0.2", "pretrain.polycl.slab_fraction=1.0",
+                               "pretrain.gcl.parts=6", "pretrain.kaf.w_local=0.5"])
+    old = load_config("demo", ["pretrain.pcl_theta=0.2", "pretrain.slab_fraction=1.0", "pretrain.gcl_parts=6",
+                               "pretrain.kaf_w_local=0.5"])
+    assert old == new
+    o = new.pretrain.options
+    assert (o["pcl"].theta, o["kaf"].theta, o["polycl"].slab_fraction, o["gcl"].parts) == (0.2, 0.2, 1.0, 6)
+    assert o["gcl"].strategy == "GD" and o["polycl"].triplets == "online"  # defaults filled in
+    # every legacy key has a home, and a file, its base and the overrides may mix the spellings
+    for key, targets in LEGACY_KEYS.items():
+        for target in targets:
+            section, name = target.split(".")
+            assert hasattr(o[section], name), key
+    base = tmp_path / "base.yaml"
+    base.write_text("base: demo\npretrain:\n  kaf_match_dim: 64\n  kaf:\n    match_heads: 8\n  slab_fraction: 0.5\n")
+    child = tmp_path / "child.yaml"
+    child.write_text("base: base.yaml\npretrain:\n  kaf:\n    match_dim: 32\n  polycl:\n    slab_fraction: 0.7\n"
+                     "  slab_fraction: 0.9\n")  # in one file the new spelling wins
+    cfg = load_config(child, ["pretrain.kaf_match_heads=4"])  # overrides beat the files, in either spelling
+    k = cfg.pretrain.options["kaf"]
+    assert (k.match_dim, k.match_heads, cfg.pretrain.options["polycl"].slab_fraction) == (32, 4, 0.7)
+
+
+def test_saved_configs_of_old_runs_still_load():
+    import medssl.methods  # noqa: F401
+
+    cfg = load_config("kaf_hippocampus", ["pretrain.pcl_theta=0.3", "pretrain.triplets=offline_fixed"])
+    flat = cfg.to_dict()  # an old run's config.yaml: the method options as flat pretrain keys
+    for section in ("gcl", "kaf", "pcl", "polycl"):
+        flat["pretrain"].pop(section)
+    flat["pretrain"].update({"pcl_theta": 0.3, "kaf_match_dim": 64, "kaf_match_heads": 4, "kaf_head_dim": 64,
+                             "kaf_match_layers": 2, "kaf_sinkhorn_iters": 30, "kaf_match_radius": 0,
+                             "triplets": "offline_fixed", "m_negative_scope": "same_scan", "gcl_strategy": "GD"})
+    assert config_from_dict(flat) == cfg
+    again = config_from_dict(yaml.safe_load(dump_config(cfg)))  # and the new layout round-trips
+    assert again == cfg and "options" not in yaml.safe_load(dump_config(cfg))["pretrain"]
+    with pytest.raises(ConfigError, match="'pretrain.polycl.triplets' must be one of"):
+        config_from_dict({"pretrain": {"triplets": "sometimes"}})

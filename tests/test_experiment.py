@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import io
+import json
 
 import numpy as np
 import pytest
@@ -10,11 +12,18 @@ import yaml
 
 from medssl.config import load_config
 from medssl.errors import ConfigError
-from medssl.report.experiment import load_experiment, run_experiment
+from medssl.pipeline.experiment import load_experiment, run_experiment
+from medssl.report.console import GridProgress
 from medssl.report.tables import paired_test, results_table
 
 TINY = ["data.size=32", "model.features=8", "train.batch_size=8", "train.amp=off", "train.threads=1",
         "split.n_folds=4", "split.val=1", "train.epochs=1", "train.steps_per_epoch=2", "pretrain.proj_dim=16"]
+
+
+def _console(buf: io.StringIO, **kw):
+    from rich.console import Console
+
+    return Console(file=buf, width=60, **kw)  # narrower than the lines: they must not wrap
 
 
 def test_tiny_grid_runs_and_resumes(phantom_root, tmp_path):
@@ -24,10 +33,27 @@ def test_tiny_grid_runs_and_resumes(phantom_root, tmp_path):
             "finetune": [*TINY, f"data.cache_dir={tmp_path / 'c'}"], "legacy_metrics": True}
     path = tmp_path / "exp.yaml"
     path.write_text(yaml.safe_dump(spec))
-    rows = run_experiment(load_experiment(path), progress_print=lambda _: None)
+    log = io.StringIO()
+    rows = run_experiment(load_experiment(path), progress_print=lambda _: None, console=_console(log))
     assert len(rows) == 2 * 2 * 2
     out = tmp_path / "exp"
     assert len(list((out / "pretrain").iterdir())) == 1  # one pretraining per (method, fold)
+    # progress: one line per step of each cell, "cell i of N: <cell> (<what>) | elapsed | time left"
+    lines = log.getvalue().splitlines()
+    assert all(line.startswith("cell ") and " | elapsed 0:" in line for line in lines), lines
+    assert lines[0].startswith("cell 1 of 8: random fold 0 M=1 seed 0 (fine-tuning) | elapsed 0:00:0")
+    assert lines[0].endswith("time left unknown until a cell finishes")
+    assert "cell 1 of 8: random fold 0 M=1 seed 0 (evaluating)" in lines[1]
+    assert lines[-1].startswith("cell 8 of 8: simclr fold 0 M=2 seed 1 (evaluating)") and "left" in lines[-1]
+    assert any(line.startswith("cell 5 of 8: simclr fold 0 M=1 seed 0 (pretraining simclr)") for line in lines)
+    assert sum("(fine-tuning)" in line for line in lines) == 8 and " about 0:" in lines[-1]
+    # report.html beside results.md: the tables, the plot and overlays of the (first) test cases of each method
+    page = (out / "report.html").read_text()
+    overlays = json.loads((out / "cells" / "simclr-f0-m1-s0" / "overlays" / "overlays.json").read_text())
+    test_cases = sorted(json.loads((out / "cells" / "simclr-f0-m1-s0" / "splits.json").read_text())["test"])
+    assert [c["case"] for c in overlays["cases"]] == test_cases[:3] and overlays["M"] == 1
+    assert page.count("<table>") == 2 and page.count("<img") == 1 + 2 * len(overlays["cases"])
+    assert "simclr (fold 0, M=1, seed 0)" in page and "random (fold 0, M=1, seed 0)" in page
     with open(out / "results.csv") as fh:
         assert len(list(csv.DictReader(fh))) == 8
     table = (out / "results.md").read_text()
@@ -36,8 +62,9 @@ def test_tiny_grid_runs_and_resumes(phantom_root, tmp_path):
     assert init.endswith("pretrain/simclr-f0/checkpoints/last.pt")
     # a finished experiment resumes instantly with the same numbers
     mtime = (out / "cells" / "random-f0-m2-s1" / "metrics.json").stat().st_mtime_ns
-    again = run_experiment(load_experiment(path), progress_print=lambda _: None)
-    assert again == rows
+    log = io.StringIO()
+    again = run_experiment(load_experiment(path), progress_print=lambda _: None, console=_console(log))
+    assert again == rows and log.getvalue() == ""  # nothing to do, nothing said
     assert (out / "cells" / "random-f0-m2-s1" / "metrics.json").stat().st_mtime_ns == mtime
     # the run folders are gone (a new checkout has only the committed CSV): nothing is trained again
     import shutil
@@ -47,8 +74,12 @@ def test_tiny_grid_runs_and_resumes(phantom_root, tmp_path):
     said = []
     spec["seeds"] = [0, 1, 2]  # one new seed: only its cells train, the pretraining runs again for them
     path.write_text(yaml.safe_dump(spec))
-    grown = run_experiment(load_experiment(path), progress_print=said.append)
+    log = io.StringIO()
+    grown = run_experiment(load_experiment(path), progress_print=said.append, console=_console(log))
     assert len(grown) == 12
+    lines = log.getvalue().splitlines()  # the 8 rows taken from the CSV count as done: only the seed-2 cells run
+    assert lines[0].startswith("cell 3 of 12: random fold 0 M=1 seed 2 (fine-tuning)")
+    assert {line.split(":")[0] for line in lines} == {"cell 3 of 12", "cell 6 of 12", "cell 9 of 12", "cell 12 of 12"}
     assert {(r["method"], r["seed"]) for r in grown} >= {("simclr", 2), ("random", 2)}
     assert sorted(p.name for p in (out / "cells").iterdir()) == sorted(
         f"{m}-f0-m{b}-s2" for m in ("random", "simclr") for b in (1, 2))
@@ -68,6 +99,36 @@ def test_tiny_grid_runs_and_resumes(phantom_root, tmp_path):
     path.write_text(yaml.safe_dump(spec))
     with pytest.raises(ConfigError, match="different finetune"):
         run_experiment(load_experiment(path), progress_print=lambda _: None)
+
+
+def test_grid_progress_time_left():
+    """The time left is the mean time of the cells done in this run (reused and read-back cells not timed)."""
+    t = [0.0]
+    log = io.StringIO()
+    with GridProgress(4, done=1, console=_console(log), clock=lambda: t[0]) as progress:
+        progress.start(2, "pcl fold 0 M=1 seed 0")
+        progress.step("pretraining pcl")
+        t[0] += 100
+        progress.step("fine-tuning")
+        t[0] += 20
+        progress.finish()
+        progress.start(3, "pcl fold 0 M=1 seed 1")  # complete in its run folder: done, not timed
+        progress.finish()
+        progress.start(4, "pcl [kcenter] fold 0 M=2 seed 0")
+        progress.step("evaluating")
+    assert log.getvalue().splitlines() == [
+        "cell 2 of 4: pcl fold 0 M=1 seed 0 (pretraining pcl) | elapsed 0:00:00 | time left unknown until a cell "
+        "finishes",
+        "cell 2 of 4: pcl fold 0 M=1 seed 0 (fine-tuning) | elapsed 0:01:40 | time left unknown until a cell finishes",
+        "cell 4 of 4: pcl [kcenter] fold 0 M=2 seed 0 (evaluating) | elapsed 0:02:00 | about 0:02:00 left"]
+    tty = io.StringIO()  # on a terminal: a rich progress bar, and the same lines above it
+    from rich.console import Console
+
+    with GridProgress(2, console=Console(file=tty, width=160, force_terminal=True), clock=lambda: t[0]) as progress:
+        progress.start(1, "random fold 0 M=1 seed 0")
+        progress.step("fine-tuning")
+        progress.finish()
+    assert "cell 1 of 2: random fold 0 M=1 seed 0 (fine-tuning)" in tty.getvalue() and "1/2" in tty.getvalue()
 
 
 def test_paired_test_and_table():
@@ -92,7 +153,7 @@ def test_bad_experiment_files(tmp_path):
 
 
 def test_method_entries_with_overrides_init_and_presets(phantom_root, tmp_path):
-    from medssl.report.experiment import method_entries
+    from medssl.pipeline.experiment import method_entries
 
     ckpt = tmp_path / "pre-f0.pt"
     spec = {"base": "demo", "data": str(phantom_root), "output_dir": str(tmp_path / "exp"),
@@ -208,7 +269,7 @@ def test_select_chooses_on_validation_for_every_row(phantom_root, tmp_path):
     """`select:` trains each combination per cell, keeps the best validation Dice, tests only that one."""
     import json
 
-    from medssl.report.experiment import select_options
+    from medssl.pipeline.experiment import select_options
 
     assert select_options({}) == [[]]
     assert select_options({"train.lr": [0.1, 0.01], "train.encoder_frozen_steps": [0, 2]})[1] == [

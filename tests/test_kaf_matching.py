@@ -1,4 +1,4 @@
-"""KAF pretraining parts (kaf.md §2.4, §5): Sinkhorn, correspondences, local and global losses, the matcher."""
+"""KAF pretraining parts (docs/kaf.md#one-step): Sinkhorn, correspondences, local and global losses, the matcher."""
 
 from __future__ import annotations
 

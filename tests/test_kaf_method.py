@@ -1,4 +1,4 @@
-"""``medssl pretrain --method kaf`` (kaf.md §4-§6): neighbour slices, the loss on real phantom slices and
+"""``medssl pretrain --method kaf`` (docs/kaf.md#pretraining): neighbour slices, the loss on real phantom slices and
 keypoints (ablation weights, empty and short keypoint lists), and an end-to-end run whose encoder loads into
 ``medssl finetune --init`` with backbone ``kaf-unet``."""
 
@@ -22,8 +22,7 @@ from medssl.models.kaf.store import KeypointStore
 
 KAF_OPTIONS = {"kaf_dim": 16, "kaf_heads": 2, "kaf_layers": 1, "max_keypoints": 32, "sift_upsample": 4,
                "dedupe_keypoints": True}
-SMALL = dict(proj_dim=16, kaf_match_dim=16, kaf_match_heads=2, kaf_head_dim=16, kaf_match_layers=2,
-             kaf_sinkhorn_iters=10)
+SMALL = dict(match_dim=16, match_heads=2, head_dim=16, match_layers=2, sinkhorn_iters=10)  # pretrain.kaf
 
 
 # ------------------------------------------------------------------ neighbour slices
@@ -76,7 +75,7 @@ def phantom_cache(phantom_root, tmp_path_factory):
 def _method(cache, aug=True, **pre):
     torch.manual_seed(0)
     enc = build_model("kaf-unet", in_channels=1, n_classes=cache.n_classes, features=4, **KAF_OPTIONS).encoder
-    cfg = PretrainConfig(method="kaf", **{**SMALL, **pre})
+    cfg = PretrainConfig(method="kaf", proj_dim=16, options={"kaf": {**SMALL, **pre}})
     m = build_method("kaf", enc, cfg, AugConfig(enabled=aug))
     rows = m.select_rows(cache, np.arange(len(cache.case_ids)))
     return m, rows
@@ -92,8 +91,7 @@ def _batch(cache, rows):
                                                      ((0, 1, 0), [2, 4], "pad"), ((0, 0, 1), [1], "truncate")])
 def test_kaf_loss_ablations(phantom_cache, weights, scales, batching):
     w1, w2, w3 = weights
-    m, rows = _method(phantom_cache, kaf_w_cnn=w1, kaf_w_kp=w2, kaf_w_local=w3, kaf_kp_scales=scales,
-                      kaf_keypoints=batching)
+    m, rows = _method(phantom_cache, w_cnn=w1, w_kp=w2, w_local=w3, kp_scales=scales, keypoints=batching)
     assert (m.cnn_head is not None) == (w1 > 0) and (m.kp_head is not None) == (w2 > 0)
     assert (m.matcher is not None) == (w3 > 0)  # a switched-off term builds no head
     assert m.counts["anchors"] == len(rows) > 0
@@ -108,7 +106,7 @@ def test_kaf_loss_ablations(phantom_cache, weights, scales, batching):
 
 
 def test_kaf_loss_is_the_weighted_sum(phantom_cache):
-    m, rows = _method(phantom_cache, aug=False, kaf_w_cnn=1.0, kaf_w_kp=2.0, kaf_w_local=0.5)
+    m, rows = _method(phantom_cache, aug=False, w_cnn=1.0, w_kp=2.0, w_local=0.5)
     m.eval()  # no BN batch statistics, so the terms can be recomputed exactly
     loss, logs = m.loss(_batch(phantom_cache, rows[:6]), make_generator(2))
     assert loss.item() == pytest.approx(logs["loss_cnn"] + 2.0 * logs["loss_kp"] + 0.5 * logs["loss_local"],
@@ -155,11 +153,13 @@ def test_kaf_config_errors(phantom_cache):
     with pytest.raises(ConfigError, match="kaf-unet"):
         build_method("kaf", unet, PretrainConfig(), AugConfig())
     with pytest.raises(ConfigError, match="at least one"):
-        _method(phantom_cache, kaf_w_cnn=0, kaf_w_kp=0, kaf_w_local=0)
-    with pytest.raises(ConfigError, match="kaf_kp_scales"):
-        _method(phantom_cache, kaf_kp_scales=[5])
-    with pytest.raises(ConfigError, match="kaf_local_form"):
-        _method(phantom_cache, kaf_local_form="nope")
+        _method(phantom_cache, w_cnn=0, w_kp=0, w_local=0)
+    with pytest.raises(ConfigError, match="pretrain.kaf.kp_scales"):
+        _method(phantom_cache, kp_scales=[5])
+    with pytest.raises(ConfigError, match="pretrain.kaf.local_form"):
+        _method(phantom_cache, local_form="nope")
+    with pytest.raises(ConfigError, match="pretrain.kaf.local_form"):  # a legacy key: checked where it lives now
+        load_config("demo", overrides=["pretrain.kaf_local_form=nope"])
 
 
 # ------------------------------------------------------------------ end to end
@@ -174,7 +174,8 @@ def test_kaf_pretrain_then_finetune_init(phantom_root, tmp_path):
             "split.n_folds=4", "split.val=1", "split.budget=2", "model.backbone=kaf-unet",
             f"model.options={opts}", f"data.path={phantom_root}", f"output_dir={tmp_path}",
             f"data.cache_dir={tmp_path / 'cache'}"]
-    pre = [f"pretrain.{k}={v}" for k, v in SMALL.items()] + ["pretrain.method=kaf", "pretrain.kaf_w_local=1.0"]
+    pre = [f"pretrain.kaf.{k}={v}" for k, v in SMALL.items()] + [
+        "pretrain.method=kaf", "pretrain.proj_dim=16", "pretrain.kaf_w_local=1.0"]  # a legacy key still loads
     run = pretrain(load_config("demo", overrides=[*base, *pre, "name=pre-kaf", "train.epochs=2",
                                                   "train.steps_per_epoch=2"]), progress=False)
     ckpt = load_checkpoint(run / "checkpoints" / "last.pt")

@@ -1,4 +1,4 @@
-"""KAF layer and KAF-UNet (kaf.md §2, §7, §12): dense-reference equality, parameter counts, padding and empty
+"""KAF layer and KAF-UNet (docs/kaf.md#model): dense-reference equality, parameter counts, padding and empty
 keypoint sets, scale selection, strict checkpoint loading, the CPU preset, fine-tuning and prediction."""
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def _layer_inputs(b=3, n=24, c=8, h=16, stride=1, dtype=torch.float64, distinct=
 @pytest.mark.parametrize("stride", [1, 2, 8])
 @pytest.mark.parametrize("training", [True, False])
 def test_layer_equals_dense_reference(stride, training):
-    """kaf.md §12: sparse diffusion equals the dense B x D x H x W formulation (outputs, S and gradients)."""
+    """Sparse diffusion (docs/kaf.md#kaf-layer) equals the dense B x D x H x W formulation (outputs, S and gradients)."""
     layer = KAFLayer(8, stride, dim=32, heads=4, n_attention=2).double().train(training)
     feat, xy = _layer_inputs(stride=stride)
     feat.requires_grad_(True)
@@ -115,7 +115,7 @@ def test_zero_and_single_keypoints_work_in_training():
 @pytest.mark.parametrize(("features", "n_classes", "paper", "clean"),
                          [(32, 8, 71.7e6, 71_467_264), (48, 4, 106.8e6, 106_546_624)])
 def test_parameter_counts_match_the_paper(features, n_classes, paper, clean):
-    """kaf.md §2.5: L_att = 16 with the released code's dead parameters gives the paper's 71.7M / 106.8M."""
+    """docs/kaf.md#parameter-counts: L_att = 16 with the released code's dead parameters gives the paper's 71.7M / 106.8M."""
     with torch.device("meta"):  # shapes only: no memory, no initialisation cost
         model = build_model("kaf-unet", in_channels=1, n_classes=n_classes, features=features, kaf_layers=16)
     assert count_parameters(model) == clean  # 71.47M / 106.55M: what is actually trained

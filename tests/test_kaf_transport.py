@@ -1,4 +1,4 @@
-"""KAF keypoints: SIFT detection, exact coordinate transport through augmentation (kaf.md §3), the per-slice
+"""KAF keypoints: SIFT detection, exact coordinate transport through augmentation (docs/kaf.md#keypoints), the per-slice
 keypoint cache."""
 
 from __future__ import annotations
@@ -74,8 +74,8 @@ def test_apply_is_bit_identical_to_call():
 
 @pytest.mark.parametrize("name", list(AUGS))
 def test_bright_dot_stays_under_transported_keypoint(name):
-    """kaf.md §3.3: a Gaussian dot (sigma 1.5) at p, warped, has its centroid within 0.5 px of the
-    transported p, over 100 random draws. Keypoint 0 of each sample is the dot (regression for §10.1)."""
+    """docs/kaf.md#exact-transport: a Gaussian dot (sigma 1.5) at p, warped, has its centroid within 0.5 px of the
+    transported p, over 100 random draws. Keypoint 0 of each sample is the dot (regression for the released code's keypoint-0 defect)."""
     b = 100
     g = torch.Generator().manual_seed(1)
     dot = 18 + torch.rand(b, 2, generator=g) * 28
@@ -175,7 +175,7 @@ def test_sift_on_a_real_slice(hippocampus_root):
     img = _hippocampus_slice(hippocampus_root)
     xy1, d1 = detect_keypoints(img)
     xy4, d4 = detect_keypoints(img, upsample=4)
-    assert 10 <= len(xy1) < len(xy4)  # kaf.md §3.1: ~28 native, ~104 after 4x upsampling
+    assert 10 <= len(xy1) < len(xy4)  # ~28 native, ~104 after 4x upsampling
     for xy in (xy1, xy4):
         assert xy.dtype == np.float32 and (xy >= 0).all()
         assert (xy[:, 0] <= img.shape[1] - 1).all() and (xy[:, 1] <= img.shape[0] - 1).all()

@@ -1,4 +1,4 @@
-"""Tests of the contrastive losses (baselines.md §7, polycl.md §14).
+"""Tests of the contrastive losses (docs/methods.md).
 
 Reference values are written out by hand from 2D unit vectors at known angles:
 cos 0° = 1, cos 30° = √3/2, cos 60° = ½, cos 90° = 0, cos 120° = −½, cos 180° = −1.

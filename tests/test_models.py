@@ -46,7 +46,7 @@ def test_forward_shape(hw: tuple[int, int]) -> None:
 def test_parameter_count_matches_paper(features: int, expected: float) -> None:
     model = build_model("unet", in_channels=1, n_classes=8, features=features)
     assert abs(count_parameters(model) - expected) < 0.05e6
-    # exact analytic values (kaf.md §2.5: UNet(c1) 7.76M / 17.46M)
+    # exact analytic values (docs/kaf.md#parameter-counts: UNet(c1) 7.76M / 17.46M)
     assert count_parameters(model) == {32: 7_763_584, 48: 17_462_208}[features]
 
 

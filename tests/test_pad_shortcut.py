@@ -71,7 +71,7 @@ def test_one_pad_value_and_content_boxes(cache):
 
 def _polycl(cache):
     method = build_method("polycl-s", build_model("unet", in_channels=1, n_classes=2, features=4).encoder,
-                          PretrainConfig(method="polycl-s", slab_fraction=1.0), AugConfig())
+                          PretrainConfig(method="polycl-s", options={"polycl": {"slab_fraction": 1.0}}), AugConfig())
     rows = method.select_rows(cache, np.arange(len(cache.case_ids)))
     return method, np.sort(rows[:: max(1, len(rows) // 100)])
 

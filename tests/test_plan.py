@@ -115,10 +115,10 @@ def test_side_dependence_and_check_warning(phantom_root, capsys):
     fp = extract_fingerprint(phantom_root, progress=False)
     unsafe = side_dependent_axes(fp.cases, fp.labels, 2)
     assert set(unsafe) == {0, 1}
-    assert main(["check", str(phantom_root)]) == 0
+    assert main(["check", "--data", str(phantom_root)]) == 0
     out = capsys.readouterr().out
     assert "warning: flipping slice axis" in out
-    assert main(["check", str(phantom_root), "--flip-axes", ""]) == 0
+    assert main(["check", "--data", str(phantom_root), "--flip-axes", ""]) == 0
     assert "warning" not in capsys.readouterr().out
 
 
@@ -138,7 +138,7 @@ def test_plan_file_drives_finetune_predict_and_pretrain(tmp_path):
     from medssl.data.phantom_scanners import write_scanner_phantom
 
     data = write_scanner_phantom(tmp_path / "scanners", n_cases=6, matrices=(64, 80, 112), slices=6)
-    assert main(["check", str(data)]) == 0
+    assert main(["check", "--data", str(data)]) == 0
     plan_file = tmp_path / "plan.yaml"
     assert main(["plan", "--data", str(data), "-o", str(plan_file)]) == 0
     planned = yaml.safe_load(plan_file.read_text())
@@ -151,7 +151,7 @@ def test_plan_file_drives_finetune_predict_and_pretrain(tmp_path):
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     assert cfg["data"]["spacing"] == planned["data"]["spacing"] and cfg["train"]["patch_size"] == 32
     out = tmp_path / "pred"
-    assert main(["predict", str(run), str(data), "-o", str(out)]) == 0
+    assert main(["predict", str(run), "--data", str(data), "-o", str(out)]) == 0
     for case in ("scanner_000", "scanner_001"):
         src, pred = nib.load(str(data / "imagesTr" / f"{case}.nii.gz")), nib.load(str(out / f"{case}.nii.gz"))
         assert pred.shape == src.shape and np.allclose(pred.affine, src.affine)

@@ -1,4 +1,4 @@
-"""PolyCL example selection: every drawn triplet obeys its variant's rule (polycl.md §3)."""
+"""PolyCL example selection: every drawn triplet obeys its variant's rule (docs/methods.md#example-selection)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def cache(phantom_root, tmp_path_factory):
 
 def _method(name, **kw):
     enc = build_model("polycl-unet", in_channels=1, n_classes=4, features=4).encoder
-    return build_method(name, enc, PretrainConfig(slab_fraction=0.5, **kw), AugConfig())
+    return build_method(name, enc, PretrainConfig(options={"polycl": {"slab_fraction": 0.5, **kw}}), AugConfig())
 
 
 def _triplets(method, cache, n_steps=20):
@@ -94,8 +94,12 @@ def test_offline_fixed_triplets_repeat(cache):
 
 def test_organ_methods_need_labels(cache):
     blind = dataclasses.replace(cache, labelled=np.zeros_like(cache.labelled))
-    with pytest.raises(DataError, match="organ flags"):
-        _method("polycl-o").select_rows(blind, np.arange(cache.meta["n_slices"]))
+    rows = np.arange(cache.meta["n_slices"])
+    with pytest.raises(DataError, match="needs the labels of its pretraining cases"):
+        _method("polycl-o").check_labels(blind, rows)  # what the engine runs before select_rows
+    with pytest.raises(DataError, match="polycl-s"):  # and select_rows on its own (the error names the alternative)
+        _method("polycl-o").select_rows(blind, rows)
+    _method("polycl-s").check_labels(blind, rows)
     _method("polycl-s").select_rows(blind, np.arange(cache.meta["n_slices"]))  # needs no labels
 
 
@@ -108,4 +112,5 @@ def test_polycl_m_pretrain_end_to_end(phantom_root, tmp_path):
     run = pretrain(cfg, progress=False)
     ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
     assert ckpt["meta"]["selection"]["anchors"] > 0 and ckpt["meta"]["state"]["step"] == 3
-    assert ckpt["meta"]["pretrain"]["m_negative_scope"] == "same_scan"
+    assert ckpt["meta"]["pretrain"]["polycl"]["m_negative_scope"] == "same_scan"
+    assert ckpt["meta"]["pretrain"]["polycl"]["slab_fraction"] == 0.5  # the legacy key reached the method

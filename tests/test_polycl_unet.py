@@ -1,4 +1,4 @@
-"""Tests for the PolyCL UNet backbone ("polycl-unet", polycl.md §5-6)."""
+"""Tests for the PolyCL UNet backbone ("polycl-unet", docs/methods.md#polycl-unet)."""
 
 from __future__ import annotations
 

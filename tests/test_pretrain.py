@@ -51,7 +51,7 @@ def test_pcl_positive_mask_uses_positions(phantom_root, tmp_path):
     from medssl.models import build_model
 
     enc = build_model("unet", in_channels=1, n_classes=2, features=8).encoder
-    pcl = build_method("pcl", enc, PretrainConfig(pcl_theta=0.1), AugConfig())
+    pcl = build_method("pcl", enc, PretrainConfig(options={"pcl": {"theta": 0.1}}), AugConfig())
     batch = {"rel_pos": torch.tensor([0.10, 0.15, 0.50, 0.95])}
     mask = pcl.positives(batch, 4, torch.device("cpu"))
     assert mask.shape == (8, 8)
@@ -92,11 +92,15 @@ def test_gcl_formulations_differ_and_partitions(phantom_root, tmp_path):
         rel_pos = np.array([0.1, 0.4, 0.7, 1.0] * 2)
         images = np.random.default_rng(0).normal(size=(8, 16, 16)) * 0.1 + rel_pos[:, None, None]
 
+        @classmethod
+        def read_images(cls, rows):
+            return cls.images[np.asarray(rows)]
+
     m = build_method("gcl", enc, PretrainConfig(proj_dim=16), AugConfig())
     m.select_rows(_Cache, np.arange(8))
     losses = {}
     for form in ("chaitanya", "supcon_partition"):  # same module, same views: only the loss differs
-        m.cfg.gcl_formulation = form
+        m.opts.formulation = form
         loss, _ = m.loss(batch, make_generator(3))
         assert torch.isfinite(loss)
         loss.backward()

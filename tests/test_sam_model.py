@@ -337,7 +337,7 @@ def test_sam2_backend_errors(tmp_path):
 
 
 class _FakeVideoPredictor:
-    """Records the calls of the SAM 2 video API (sam.md §3.2 signatures); 'segments' by thresholding."""
+    """Records the calls of the SAM 2 video API (signatures as in docs/sam.md#video-propagation); 'segments' by thresholding."""
 
     def __init__(self):
         self.calls = []

@@ -14,7 +14,7 @@ from medssl.cli import main
 from medssl.errors import ConfigError
 from medssl.sam.policy import DEFAULT_CANDIDATES, KEEP, parse_policy, pick
 from medssl.sam.refine import RefineConfig
-from medssl.sam.refine_folder import refine_predictions
+from medssl.pipeline.refine import refine_predictions
 from synth import write_nifti
 from test_sam_refine import BoxSegmenter, _untrained_run
 
@@ -169,7 +169,7 @@ def test_class_policies_per_class(tmp_path):
 def test_refine_run_auto_and_errors(phantom_copy, tmp_path, capsys, monkeypatch):
     import medssl.sam.segmenter as segmod
     from medssl.data.splits import load_split
-    from medssl.sam.experiment_step import refine_run, sam_row
+    from medssl.pipeline.sam_step import refine_run, sam_row
 
     monkeypatch.setattr(segmod, "build_segmenter", lambda *a, **k: BoxSegmenter())
 
@@ -187,8 +187,9 @@ def test_refine_run_auto_and_errors(phantom_copy, tmp_path, capsys, monkeypatch)
     assert seg.images == n
     # the CLI: --run gives the validation cases (predicted with the run's model into OUT/validation/coarse)
     pred = run_dir / "sam" / "coarse"
-    rc = main(["refine", str(pred), str(phantom_copy), "-o", str(tmp_path / "o0"), "--labels", str(phantom_copy),
-               "--policy", "auto", "--run", str(run_dir), "--candidates", "union,gate0.8", "--auto-margin", "0.02"])
+    rc = main(["refine", str(pred), "--data", str(phantom_copy), "-o", str(tmp_path / "o0"), "--labels",
+               str(phantom_copy), "--run", str(run_dir), "sam.policy=auto", "sam.candidates=[union,gate0.8]",
+               "sam.auto_margin=0.02"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     assert "validation Dice keep" in captured.out and (tmp_path / "o0" / "refine_policy.md").is_file()
@@ -198,7 +199,7 @@ def test_refine_run_auto_and_errors(phantom_copy, tmp_path, capsys, monkeypatch)
     assert [f.name for f in (tmp_path / "o0" / "validation" / "coarse").glob("*.nii.gz")] == [
         f"{c}.nii.gz" for c in sorted(split.val)]
     # auto needs --run; a run without labels for its validation cases is named in one line
-    rc = main(["refine", str(pred), str(phantom_copy), "-o", str(tmp_path / "o1"), "--policy", "auto"])
+    rc = main(["refine", str(pred), "--data", str(phantom_copy), "-o", str(tmp_path / "o1"), "sam.policy=auto"])
     err = capsys.readouterr().err.strip()
     assert rc == ConfigError.exit_code and "--run" in err and len(err.splitlines()) == 1
     meta = json.loads((phantom_copy / "dataset.json").read_text())  # the validation cases lose their labels
@@ -206,7 +207,7 @@ def test_refine_run_auto_and_errors(phantom_copy, tmp_path, capsys, monkeypatch)
         if Path(entry["image"]).name.split(".")[0] in split.val:
             entry.pop("label")
     (phantom_copy / "dataset.json").write_text(json.dumps(meta))
-    rc = main(["refine", str(pred), str(phantom_copy), "-o", str(tmp_path / "o2"), "--policy", "auto",
+    rc = main(["refine", str(pred), "--data", str(phantom_copy), "-o", str(tmp_path / "o2"), "sam.policy=auto",
                "--run", str(run_dir)])
     err = capsys.readouterr().err.strip()
     assert rc != 0 and str(run_dir) in err and "labels" in err and len(err.splitlines()) == 1

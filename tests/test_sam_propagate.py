@@ -162,8 +162,8 @@ def test_propagate_litemedsam_real_volume(tmp_path, capsys):
     except DataError as exc:
         pytest.skip(f"LiteMedSAM weights unavailable: {exc}")
     out = tmp_path / "prop.nii.gz"
-    rc = main(["propagate", str(tmp_path / "img.nii.gz"), "--labels", str(tmp_path / "lab.nii.gz"), "--label", "2",
-               "-o", str(out)])
+    rc = main(["propagate", "--data", str(tmp_path / "img.nii.gz"), "--labels", str(tmp_path / "lab.nii.gz"),
+               "propagate.label=2", "-o", str(out)])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     assert "propagated: 3D Dice" in captured.out and "slice_only" in captured.out
@@ -197,7 +197,7 @@ def test_cli_bad_inputs_write_nothing(tmp_path, capsys):
     np.save(tmp_path / "good.npy", lab[:, :, 2])
     np.save(tmp_path / "wrong.npy", np.ones((10, 12), np.uint8))
     out = tmp_path / "out" / "p.nii.gz"
-    base = ["propagate", tmp_path / "img.nii.gz", "-o", out]
+    base = ["propagate", "--data", tmp_path / "img.nii.gz", "-o", out]
     cases = [
         (["--mask", tmp_path / "empty.npy", "--slice", 2], ("empty.npy", "empty")),
         (["--mask", tmp_path / "good.npy", "--slice", 6], ("out of range",)),
@@ -207,8 +207,8 @@ def test_cli_bad_inputs_write_nothing(tmp_path, capsys):
         (["--mask", tmp_path / "good.npy"], ("--slice",)),
         (["--labels", tmp_path / "lab.nii.gz", "--key", "5"], ("lab.nii.gz", "empty")),
         (["--labels", tmp_path / "lab.nii.gz", "--key", "9"], ("out of range",)),
-        (["--labels", tmp_path / "lab.nii.gz", "--label", 3], ("label 3",)),
-        (["--labels", tmp_path / "lab.nii.gz", "--on-empty", "pray"], ("on_empty",)),
+        (["--labels", tmp_path / "lab.nii.gz", "propagate.label=3"], ("label 3",)),
+        (["--labels", tmp_path / "lab.nii.gz", "propagate.on_empty=pray"], ("on_empty",)),
     ]
     for extra, needles in cases:
         rc, err = _run(base + extra, capsys)
@@ -263,3 +263,32 @@ def test_sam2_backend_with_a_fake_video_predictor():
     k1 = ann.keys[1][0]
     assert fake.order[:12 - k1 + k1 + 1] == list(range(k1, 12)) + list(range(k1, -1, -1))  # forward, then back
     assert [p[1] for p in fake.prompts] == [1, 1] and info["note"] == "SAM 2 video predictor"
+
+
+def test_a_registered_segmenter_backend_is_a_propagation_backend(monkeypatch):
+    """One registry (medssl.sam.segmenter): a backend registered there is built by name and propagates by the box
+    chain; nothing else lists backends."""
+    import medssl.sam.segmenter as segmenter
+    from medssl.errors import ConfigError
+    from medssl.sam.propagate import propagate_volume, propagation_backends
+
+    monkeypatch.setattr(segmenter, "_BACKENDS", dict(segmenter._BACKENDS))
+    truth, built = _blob_truth(), []
+
+    @segmenter.register_sam_backend("oracle")
+    def _oracle(checkpoint=None, device=None, **kw):
+        built.append((checkpoint, device))
+        return Oracle(truth)
+
+    assert "oracle" in segmenter.sam_backends() and "oracle" in propagation_backends()
+    assert isinstance(segmenter.build_segmenter("Oracle "), segmenter.Segmenter)
+    ann = annotation_from_slice(truth[5], 5, truth.shape, 0)
+    labels, info = propagate_volume(_slices(12), ann, PropagateConfig(backend="oracle", checkpoint="w.pt"))
+    assert np.array_equal(labels, truth) and info["note"] == "oracle box chain" and built[-1] == ("w.pt", None)
+    with pytest.raises(ValueError, match="already registered"):
+        segmenter.register_sam_backend("oracle")(lambda **kw: None)
+    monkeypatch.undo()
+    with pytest.raises(ConfigError, match="expected one of litemedsam, sam2, got 'oracle'"):
+        segmenter.build_segmenter("oracle")
+    with pytest.raises(ConfigError, match="'backend' must be one of"):
+        PropagateConfig(backend="oracle").validate()

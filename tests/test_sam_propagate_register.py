@@ -272,8 +272,9 @@ def test_cli_register_backend(tmp_path, capsys):
     write_nifti(tmp_path / "img.nii.gz", vol.astype(np.float32))
     write_nifti(tmp_path / "lab.nii.gz", lab, dtype=np.uint8)
     out = tmp_path / "p.nii.gz"
-    rc = main(["propagate", str(tmp_path / "img.nii.gz"), "--labels", str(tmp_path / "lab.nii.gz"), "--key", "7",
-               "--backend", "register", "--reg-max-steps", "3", "--reg-max-area-change", "1.5", "--modality", "CT",
+    rc = main(["propagate", "--data", str(tmp_path / "img.nii.gz"), "--labels", str(tmp_path / "lab.nii.gz"),
+               "--key", "7", "propagate.backend=register", "propagate.reg_max_steps=3",
+               "propagate.reg_max_area_change=1.5", "data.modality=CT",
                "-o", str(out)])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
@@ -282,11 +283,11 @@ def test_cli_register_backend(tmp_path, capsys):
     assert info["config"]["backend"] == "register" and info["config"]["reg_max_steps"] == 3
     assert info["config"]["reg_max_area_change"] == 1.5 and info["extent"] == {"1": [4, 10]}
     assert info["metrics"]["propagated"]["dice"]["1"] > info["metrics"]["copy"]["dice"]["1"]
-    for extra, needle in ((["--backend", "hybrid", "--on-disagree", "pray"], "on_disagree"),
-                          (["--backend", "register", "--dense-prompt"], "dense_prompt"),
-                          (["--backend", "register", "--reg-max-fold", "2"], "reg_max_fold"),
-                          (["--backend", "register", "--key", "0"], "lab.nii.gz: the annotated slice 0 is empty")):
-        rc = main(["propagate", str(tmp_path / "img.nii.gz"), "--labels", str(tmp_path / "lab.nii.gz"),
+    for extra, needle in ((["propagate.backend=hybrid", "propagate.on_disagree=pray"], "on_disagree"),
+                          (["propagate.backend=register", "propagate.dense_prompt=true"], "dense_prompt"),
+                          (["propagate.backend=register", "propagate.reg_max_fold=2"], "reg_max_fold"),
+                          (["propagate.backend=register", "--key", "0"], "lab.nii.gz: the annotated slice 0 is empty")):
+        rc = main(["propagate", "--data", str(tmp_path / "img.nii.gz"), "--labels", str(tmp_path / "lab.nii.gz"),
                    "-o", str(tmp_path / "q.nii.gz"), *extra])
         err = capsys.readouterr().err.strip()
         assert rc != 0 and len(err.splitlines()) == 1 and needle in err, (extra, err)

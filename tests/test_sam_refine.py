@@ -152,7 +152,7 @@ def test_refine_litemedsam_geometry_and_untouched_slices(tmp_path, capsys):
     """Through the CLI with the real LiteMedSAM on a stored-LAS crop of a Hippocampus case."""
     info = _crop_case(tmp_path)
     litemedsam()  # skips when the weights are not installed
-    rc = main(["refine", str(tmp_path / "coarse"), str(tmp_path / "img"), "-o", str(tmp_path / "out"),
+    rc = main(["refine", str(tmp_path / "coarse"), "--data", str(tmp_path / "img"), "-o", str(tmp_path / "out"),
                "--labels", str(tmp_path / "gt")])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
@@ -197,27 +197,28 @@ def test_cli_bad_inputs_write_nothing(tmp_path, capsys):
     out = tmp_path / "out"
     # shape mismatch
     write_nifti(tmp_path / "bad_shape" / "c1.nii.gz", np.zeros((12, 10, 5), np.uint8), dtype=np.uint8)
-    rc, err = _run(["refine", tmp_path / "bad_shape", tmp_path / "img", "-o", out], capsys)
+    rc, err = _run(["refine", tmp_path / "bad_shape", "--data", tmp_path / "img", "-o", out], capsys)
     assert rc != 0 and "shape" in err and "bad_shape" in err and len(err.splitlines()) == 1
     # affine mismatch
     write_nifti(tmp_path / "bad_aff" / "c1.nii.gz", np.zeros((12, 10, 6), np.uint8), np.diag([2.0, 1, 1, 1]),
                 dtype=np.uint8)
-    rc, err = _run(["refine", tmp_path / "bad_aff", tmp_path / "img", "-o", out], capsys)
+    rc, err = _run(["refine", tmp_path / "bad_aff", "--data", tmp_path / "img", "-o", out], capsys)
     assert rc != 0 and "affine" in err and "bad_aff" in err
     # missing image file for the case / missing input folder
     write_nifti(tmp_path / "other" / "c2.nii.gz", np.zeros((12, 10, 6), np.uint8), dtype=np.uint8)
-    rc, err = _run(["refine", tmp_path / "other", tmp_path / "img", "-o", out], capsys)
+    rc, err = _run(["refine", tmp_path / "other", "--data", tmp_path / "img", "-o", out], capsys)
     assert rc != 0 and "c2" in err and "no image" in err
-    rc, err = _run(["refine", tmp_path / "nope", tmp_path / "img", "-o", out], capsys)
+    rc, err = _run(["refine", tmp_path / "nope", "--data", tmp_path / "img", "-o", out], capsys)
     assert rc != 0 and "nope" in err and "not found" in err
-    # unknown class in --exclude, a bad merge policy
-    rc, err = _run(["refine", tmp_path / "pred", tmp_path / "img", "-o", out, "--exclude", "1,7"], capsys)
+    # unknown class in sam.exclude, a bad merge policy
+    rc, err = _run(["refine", tmp_path / "pred", "--data", tmp_path / "img", "-o", out, "sam.exclude=[1,7]"], capsys)
     assert rc == ConfigError.exit_code and "exclude" in err and "[7]" in err
-    rc, err = _run(["refine", tmp_path / "pred", tmp_path / "img", "-o", out, "--merge", "maybe"], capsys)
+    rc, err = _run(["refine", tmp_path / "pred", "--data", tmp_path / "img", "-o", out, "sam.merge=maybe"], capsys)
     assert rc != 0 and "merge" in err
     # a ground-truth label volume of the wrong shape is caught before anything is written
     write_nifti(tmp_path / "gt" / "c1.nii.gz", np.zeros((12, 10, 7), np.uint8), dtype=np.uint8)
-    rc, err = _run(["refine", tmp_path / "pred", tmp_path / "img", "-o", out, "--labels", tmp_path / "gt"], capsys)
+    rc, err = _run(["refine", tmp_path / "pred", "-d", tmp_path / "img", "-o", out, "--labels", tmp_path / "gt"],
+                   capsys)
     assert rc != 0 and "gt" in err and "shape" in err
     assert not out.exists()
 
@@ -228,8 +229,9 @@ def test_cli_refine_end_to_end_with_fake_segmenter(tmp_path, capsys, monkeypatch
 
     image, lab = _small(tmp_path, affine=LAS)
     monkeypatch.setattr(segmod, "build_segmenter", lambda *a, **k: BoxSegmenter())
-    rc = main(["refine", str(tmp_path / "pred"), str(tmp_path / "img"), "-o", str(tmp_path / "out"),
-               "--labels", str(tmp_path / "pred"), "--per-component", "--box-pad", "1", "--merge", "intersect"])
+    rc = main(["refine", str(tmp_path / "pred"), "--data", str(tmp_path / "img"), "-o", str(tmp_path / "out"),
+               "--labels", str(tmp_path / "pred"), "sam.box_mode=per_component", "sam.box_pad=1",
+               "sam.merge=intersect"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     assert "Dice before" in captured.out and "refined 1 volume(s)" in captured.out
@@ -268,7 +270,7 @@ def _untrained_run(root: Path, run_dir: Path) -> Path:
 
 def test_refine_run_glue(phantom_root, tmp_path):
     """A run's test cases are predicted, refined and scored; a rerun with the same settings reads the result back."""
-    from medssl.sam.experiment_step import METRICS_FILE, refine_run, sam_row
+    from medssl.pipeline.sam_step import METRICS_FILE, refine_run, sam_row
 
     run_dir = _untrained_run(phantom_root, tmp_path / "cell")
     seg = BoxSegmenter()

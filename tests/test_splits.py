@@ -1,4 +1,4 @@
-"""Patient-level splits, validation subset and label budgets (baselines.md §5, kaf.md §8)."""
+"""Patient-level splits, validation subset and label budgets (docs/protocol.md#splits)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Contrastive views (baselines.md §1 project default) and GCL-full's two stages and decoder transfer."""
+"""Contrastive views (docs/methods.md#contrastive-views) and GCL-full's two stages and decoder transfer."""
 
 from __future__ import annotations
 

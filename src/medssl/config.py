@@ -9,17 +9,17 @@ and values of the wrong type raise :class:`~medssl.errors.ConfigError` naming th
 from __future__ import annotations
 
 import dataclasses
-import re
-import types
-import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import yaml
 
 from medssl.errors import ConfigError
+from medssl.typed_config import build_dataclass, parse_overrides  # noqa: F401  (re-exported)
+from medssl.typed_config import deep_merge as _deep_merge
+from medssl.typed_config import yaml_load as _yaml_load
 
 
 @dataclass
@@ -131,49 +131,20 @@ class ViewAugConfig:
 
 @dataclass
 class PretrainConfig:
+    """Settings shared by the pretraining methods; each method's own options live in ``pretrain.<section>``
+    (``pretrain.pcl.theta``, ``pretrain.kaf.w_local``, ...), typed by the options dataclass the method declares
+    (docs/extending.md). Flat keys of earlier releases (``pretrain.pcl_theta``) still load: :data:`LEGACY_KEYS`."""
+
     method: str = "simclr"  # a name from medssl.methods (simclr, pcl, ...)
     tau: float = 0.1  # contrastive temperature
     base_tau: float = 0.07  # SupCon's base temperature (the loss is scaled by tau / base_tau)
     proj_dim: int = 512  # projection head output (PCL-style head: pool -> Linear -> ReLU -> Linear)
-    pcl_theta: float = 0.1  # PCL: positives have |pos_i - pos_j| < theta (0.1 CT-like, 0.35 ACDC-like)
     # PCL / GCL / KAF: positives by position cross scans only where position explains at least this share of slice
     # appearance (methods/position_gate.py); below, within each scan only. 0 = always across scans
     position_r2_min: float = 0.1
-    polycl_tau: Any = "inverse_batch"  # PolyCL: a float, or "inverse_batch" (1 / batch size, as released)
-    slab_fraction: float = 0.3  # PolyCL: only the central fraction of each scan's slices is used
-    target_labels: list[int] = field(default_factory=list)  # PolyCL-O/M organ flag T: these labels (empty = any)
-    m_negative_scope: str = "same_scan"  # PolyCL-M negative: "same_scan" (paper figure) or "other_scan" (code)
-    triplets: str = "online"  # "online" (fresh each epoch) or "offline_fixed" (one fixed triplet per anchor)
-    gcl_parts: int = 4  # GCL: partitions per volume along the slice axis
-    gcl_strategy: str = "GD"  # GCL global positives: "GD" (proposed), "GD-" or "GR" (SimCLR-like)
-    gcl_formulation: str = "chaitanya"  # "chaitanya" (own numerator per pair) or "supcon_partition" (PCL code)
-    # KAF (docs/kaf.md; method "kaf", backbone "kaf-unet"). Global losses reuse tau, base_tau, pcl_theta, proj_dim.
-    kaf_w_cnn: float = 1.0  # w1: PCL loss on the pooled bottleneck embedding z_cnn (0 = off)
-    kaf_w_kp: float = 1.0  # w2: the same loss on the aggregated keypoint descriptor z_kp (0 = off)
-    kaf_w_local: float = 0.01  # w3: local matching loss (Sinkhorn + dustbin; 0 = off, matcher not built)
-    kaf_kp_scales: list[int] = field(default_factory=list)  # KAF scales feeding z_kp and the matcher (empty = all)
-    kaf_neighbour: str = "fraction"  # neighbour rule: "fraction" (s + int(f·U(-1,1)·Z)) or "acdc" (f = min(0.18, 2/Z))
-    kaf_neighbour_fraction: float = 0.05  # f of the "fraction" rule; the offset is at least 1 slice
-    kaf_match_radius: float = 0.0  # correspondence radius R (px, network-input frame); 0 = max(3, 20·S/512)
-    kaf_sinkhorn_iters: int = 100  # log-domain Sinkhorn iterations T_s (paper 100, cpu 30)
-    kaf_match_layers: int = 4  # matcher attention layers, alternating self, cross, self, cross, ... (paper 4, cpu 2)
-    kaf_match_dim: int = 256  # matcher width D and its heads
-    kaf_match_heads: int = 4
-    kaf_head_dim: int = 256  # width of G = Conv1d(concat of the S_l), shared by the z_kp head and the matcher
-    kaf_dustbin_init: float = 1.0  # initial learnable dustbin score alpha
-    kaf_norm: str = "batch"  # norm of the matcher/keypoint-head MLPs: "batch" (paper, masked BN1d), "group", "layer"
-    kaf_local_form: str = "code"  # "code" (0.45·mean pos + 1.0·mean dustbin, clamp -100) or "paper" (eq. 2 sums)
-    kaf_local_pos_weight: float = 0.45  # code form: weight of the matched-pair term
-    kaf_local_neg_weight: float = 1.0  # code form: weight of the dustbin (unmatched) term
-    kaf_min_keypoints: int = 8  # anchor slices with fewer SIFT keypoints are skipped (counted in the run's log)
-    kaf_keypoints: str = "pad"  # batching: "pad" (per-item counts + masks) or "truncate" (code: batch min, matched first)
-    gcl_local_fraction: float = 0.5  # gcl-full: share of the steps spent in the local stage (encoder frozen)
-    gcl_local_blocks: int = 2  # gcl-full: decoder stages trained by the local loss (2 = a 1/4-resolution map)
-    gcl_local_regions: int = 13  # gcl-full: K x K regions at fixed positions
-    gcl_local_region_size: int = 3  # gcl-full: K
-    gcl_local_neg: int = 5  # gcl-full: nearest neighbouring regions used as negatives
     view_aug: str = "project"  # SimCLR/PCL/GCL views: "project" (pretrain.views) or "finetune" (the aug block)
     views: ViewAugConfig = field(default_factory=ViewAugConfig)
+    options: dict = field(default_factory=dict)  # section -> that method's options (written pretrain.<section>)
 
 
 @dataclass
@@ -198,122 +169,84 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Plain nested dict in the file layout: method options as ``pretrain.<section>``."""
+        out = dataclasses.asdict(self)
+        out["pretrain"].update(out["pretrain"].pop("options"))
+        return out
 
 
 # --------------------------------------------------------------------------------------------
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads ``1e-3`` / ``3E5`` as floats (YAML 1.2); PyYAML's 1.1 rules need a dot."""
+# Method options. A pretraining method declares its own options dataclass; ``medssl.methods`` registers it here
+# under the method's section, so that ``pretrain.<section>.<key>`` is checked like any other key.
+_OPTIONS: dict[str, type] = {}
+
+# Flat pretraining keys of earlier releases -> where they live now. They still load (files, overrides, the
+# config.yaml of old runs) and mean what they meant: pcl_theta was the theta of PCL's and KAF's positives.
+LEGACY_KEYS: dict[str, tuple[str, ...]] = {
+    "pcl_theta": ("pcl.theta", "kaf.theta"), "polycl_tau": ("polycl.tau",),
+    **{k: (f"polycl.{k}",) for k in ("slab_fraction", "target_labels", "m_negative_scope", "triplets")},
+    **{f"gcl_{k}": (f"gcl.{k}",) for k in ("parts", "strategy", "formulation", "local_fraction", "local_blocks",
+                                            "local_regions", "local_region_size", "local_neg")},
+    **{f"kaf_{k}": (f"kaf.{k}",) for k in (
+        "w_cnn", "w_kp", "w_local", "kp_scales", "neighbour", "neighbour_fraction", "match_radius", "sinkhorn_iters",
+        "match_layers", "match_dim", "match_heads", "head_dim", "dustbin_init", "norm", "local_form",
+        "local_pos_weight", "local_neg_weight", "min_keypoints", "keypoints")},
+}
 
 
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"))
+def register_options(section: str, cls: type) -> None:
+    """Make ``pretrain.<section>`` a section typed by dataclass ``cls`` (called by ``register_method``)."""
+    if section in {f.name for f in dataclasses.fields(PretrainConfig)} or section in LEGACY_KEYS:
+        raise ValueError(f"options section {section!r} would shadow the config key 'pretrain.{section}'")
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"options of section {section!r} must be a dataclass, got {cls!r}")
+    if _OPTIONS.setdefault(section, cls) is not cls:
+        raise ValueError(f"options section {section!r} is already registered with {_OPTIONS[section].__name__}")
 
 
-def _yaml_load(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+def option_sections() -> dict[str, type]:
+    return dict(_OPTIONS)
 
 
-def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
-    """Check (and gently coerce) ``value`` against annotation ``tp``."""
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return True, value
-    if origin in (Union, types.UnionType):
-        for arg in typing.get_args(tp):
-            ok, v = _type_ok(value, arg)
-            if ok:
-                return True, v
-        return False, value
-    if tp is type(None):
-        return value is None, value
-    if origin is list:
-        if isinstance(value, (list, tuple)):
-            (arg,) = typing.get_args(tp) or (Any,)
-            out = []
-            for item in value:
-                ok, v = _type_ok(item, arg)
-                if not ok:
-                    return False, value
-                out.append(v)
-            return True, out
-        return False, value
-    if origin is dict or tp is dict:
-        return isinstance(value, dict), value
-    if tp is bool:
-        return isinstance(value, bool), value
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return True, value  # an int stays an int (e.g. split.val = 2 patients)
-        return False, value
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool), value
-    if tp is str:
-        return isinstance(value, str), value
-    return isinstance(value, tp), value
+def resolve_options(pretrain: PretrainConfig) -> None:
+    """Type every ``pretrain.<section>`` with its registered options class (their own checks run there) and add
+    the defaults of the sections not given. Before ``medssl.methods`` is imported no section is registered and
+    the sections stay as given; building a method resolves them (``build_method``)."""
+    for section, value in list(pretrain.options.items()):
+        cls = _OPTIONS.get(section)
+        if cls is None:
+            if _OPTIONS:
+                known = sorted({f.name for f in dataclasses.fields(PretrainConfig)} - {"options"} | set(_OPTIONS))
+                raise ConfigError(f"unknown config key 'pretrain.{section}' (known: {', '.join(known)})")
+        elif not isinstance(value, cls):
+            pretrain.options[section] = build_dataclass(cls, value, f"pretrain.{section}.")
+    for section, cls in _OPTIONS.items():
+        if section not in pretrain.options:
+            pretrain.options[section] = cls()
+    pretrain.options = dict(sorted(pretrain.options.items()))
 
 
-def build_dataclass(cls: type, data: dict, prefix: str) -> Any:
-    """Build dataclass ``cls`` from ``data`` strictly: unknown keys and wrong types raise ConfigError."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"config key '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    for key in data:
-        if key not in names:
-            raise ConfigError(f"unknown config key '{prefix}{key}' (known: {', '.join(sorted(names))})")
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in data:
-            continue
-        tp, value, dotted = hints[f.name], data[f.name], prefix + f.name
-        if dataclasses.is_dataclass(tp):
-            kwargs[f.name] = build_dataclass(tp, value or {}, dotted + ".")
-            continue
-        ok, coerced = _type_ok(value, tp)
-        if not ok:
-            raise ConfigError(f"config key '{dotted}' expects {_type_name(tp)}, got {value!r}")
-        kwargs[f.name] = coerced
-    return cls(**kwargs)
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _deep_merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for k, v in extra.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _deep_merge(out[k], v)
-        else:
-            out[k] = v
-    return out
-
-
-def parse_overrides(overrides: list[str] | None) -> dict:
-    """Turn ``["train.lr=1e-3", "data.size=64"]`` into a nested dict (values parsed as YAML)."""
-    tree: dict = {}
-    for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}' is not of the form key=value (e.g. train.lr=1e-3)")
-        key, raw = item.split("=", 1)
-        key = key.strip().lstrip("-")
-        try:
-            value = _yaml_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            value = raw
-        if isinstance(value, bool) and raw.strip().lower() not in ("true", "false"):
-            value = raw.strip()  # YAML 1.1 reads on/off/yes/no as booleans: keep the word (train.amp=off)
-        node = tree
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override '{key}' conflicts with another override")
-        node[parts[-1]] = value
-    return tree
+def _upgrade(data: dict) -> dict:
+    """One source's ``pretrain`` keys in the stored layout: legacy flat keys (:data:`LEGACY_KEYS`) and
+    ``pretrain.<section>`` mappings move into ``pretrain.options``; within a source the new spelling wins."""
+    pre = data.get("pretrain") if isinstance(data, dict) else None
+    if not isinstance(pre, dict):
+        return data
+    fields = {f.name for f in dataclasses.fields(PretrainConfig)}
+    pre, legacy, sections = dict(pre), {}, {}
+    for key in list(pre):
+        if key in LEGACY_KEYS:
+            value = pre.pop(key)
+            for target in LEGACY_KEYS[key]:
+                section, name = target.split(".")
+                legacy.setdefault(section, {})[name] = value
+        elif key not in fields and isinstance(pre[key], dict):
+            sections[key] = pre.pop(key)
+    if isinstance(pre.get("options", {}), dict):
+        sections = _deep_merge(pre.pop("options", None) or {}, sections)
+    if legacy or sections:
+        pre["options"] = _deep_merge(legacy, sections)
+    return {**data, "pretrain": pre}
 
 
 def preset_names() -> list[str]:
@@ -341,6 +274,7 @@ def _read_yaml(source: str | Path, _chain: tuple[str, ...] = (), _folder: Path |
         raise ConfigError(f"{where}: invalid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: the top level must be a mapping")
+    data = _upgrade(data)
     base = data.pop("base", None)  # a config may extend a preset or another file
     if base:
         if not isinstance(base, (str, Path)):
@@ -354,17 +288,24 @@ def load_config(source: str | Path | None = None, overrides: list[str] | None = 
     """Load a preset or YAML file, apply ``extra`` (a nested dict) then dotted overrides."""
     data = _read_yaml(source) if source else {}
     if extra:
-        data = _deep_merge(data, extra)
-    data = _deep_merge(data, parse_overrides(overrides))
+        data = _deep_merge(data, _upgrade(extra))
+    data = _deep_merge(data, _upgrade(parse_overrides(overrides)))
     cfg = build_dataclass(Config, data, "")
     validate(cfg)
     return cfg
 
 
 def config_from_dict(data: dict) -> Config:
-    cfg = build_dataclass(Config, data, "")
+    """A Config from a nested dict (a run's saved config.yaml; legacy keys are read as :func:`load_config` does)."""
+    cfg = build_dataclass(Config, _upgrade(data), "")
     validate(cfg)
     return cfg
+
+
+def check_choice(key: str, value: Any, allowed: tuple) -> None:
+    """ConfigError naming ``key`` unless ``value`` is one of ``allowed``."""
+    if value not in allowed:
+        raise ConfigError(f"config key '{key}' must be one of {allowed}, got {value!r}")
 
 
 def validate(cfg: Config) -> None:
@@ -380,8 +321,7 @@ def validate(cfg: Config) -> None:
         "split.budget_mode": (cfg.split.budget_mode, ("nested", "legacy")),
     }
     for key, (value, allowed) in choices.items():
-        if value not in allowed:
-            raise ConfigError(f"config key '{key}' must be one of {allowed}, got {value!r}")
+        check_choice(key, value, allowed)
     if cfg.data.size <= 0 or cfg.data.size % 16:
         raise ConfigError(f"config key 'data.size' must be a positive multiple of 16, got {cfg.data.size}")
     if cfg.data.spacing and (len(cfg.data.spacing) != 2 or not all(v > 0 for v in cfg.data.spacing)):
@@ -405,24 +345,11 @@ def validate(cfg: Config) -> None:
     b = cfg.split.budget
     if not (b == "all" or (isinstance(b, (int, float)) and not isinstance(b, bool))):
         raise ConfigError(f"config key 'split.budget' must be an integer, a fraction or 'all', got {b!r}")
-    for key, value, allowed in (("pretrain.m_negative_scope", cfg.pretrain.m_negative_scope,
-                                 ("same_scan", "other_scan")),
-                                ("pretrain.triplets", cfg.pretrain.triplets, ("online", "offline_fixed")),
-                                ("pretrain.gcl_strategy", cfg.pretrain.gcl_strategy, ("GD", "GD-", "GR")),
-                                ("pretrain.gcl_formulation", cfg.pretrain.gcl_formulation,
-                                 ("chaitanya", "supcon_partition")),
-                                ("pretrain.view_aug", cfg.pretrain.view_aug, ("project", "finetune"))):
-        if value not in allowed:
-            raise ConfigError(f"config key '{key}' must be one of {allowed}, got {value!r}")
-    if not 0 < cfg.pretrain.gcl_local_fraction < 1 or cfg.pretrain.gcl_local_blocks not in (1, 2, 3, 4):
-        raise ConfigError("config keys 'pretrain.gcl_local_fraction' must lie in (0, 1) and "
-                          "'pretrain.gcl_local_blocks' in 1..4")
+    check_choice("pretrain.view_aug", cfg.pretrain.view_aug, ("project", "finetune"))
     v = cfg.pretrain.views
     if not (0 < v.crop_scale[0] <= v.crop_scale[1] <= 1 and 0 < v.crop_ratio[0] <= v.crop_ratio[1]):
         raise ConfigError(f"config keys 'pretrain.views.crop_scale' / 'crop_ratio' must be increasing pairs "
                           f"with scale in (0, 1], got {v.crop_scale} / {v.crop_ratio}")
-    if not 0 < cfg.pretrain.slab_fraction <= 1:
-        raise ConfigError("config key 'pretrain.slab_fraction' must lie in (0, 1]")
     if not 0 <= cfg.pretrain.position_r2_min < 1:
         raise ConfigError("config key 'pretrain.position_r2_min' must lie in [0, 1)")
     if not cfg.pretrain.tau > 0 or not cfg.pretrain.base_tau > 0:
@@ -433,6 +360,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("config key 'train.encoder_frozen_steps' must be >= 0")
     if not 0 <= cfg.train.foreground_oversample <= 1:
         raise ConfigError("config key 'train.foreground_oversample' must lie in [0, 1]")
+    resolve_options(cfg.pretrain)
 
 
 def dump_config(cfg: Config) -> str:

@@ -28,7 +28,7 @@ HIST_BINS = 16
 def _content(cache, case: str) -> np.ndarray:
     """(Z, h, w) cached slices of ``case`` cut to their content box (no canvas padding)."""
     x, _ = cache.case_volume(case)
-    y0, y1, x0, x1 = (int(v) for v in cache.meta["volumes"][case]["content"])
+    y0, y1, x0, x1 = (int(v) for v in cache.volume(case)["content"])
     return np.asarray(x[:, y0:y1, x0:x1], dtype=np.float32)
 
 

@@ -73,7 +73,7 @@ def cached_embeddings(path: Path, cache, patients: dict[str, list[str]], checkpo
                       model_cfg=None) -> np.ndarray:
     """The patients' raw embeddings, from ``path`` when it holds them for the same patients and source."""
     from medssl.advise.run import embed_patients
-    from medssl.data.volume import atomic_write
+    from medssl.data.atomic import atomic_path
 
     names, source = np.array(list(patients)), _source_id(cache, checkpoint)
     if path.is_file():
@@ -81,7 +81,8 @@ def cached_embeddings(path: Path, cache, patients: dict[str, list[str]], checkpo
             if str(f["source"]) == source and f["patients"].tolist() == names.tolist():
                 return np.asarray(f["features"])
     feats = embed_patients(cache, patients, checkpoint, model_cfg)
-    atomic_write(path, lambda tmp: np.savez(tmp, features=feats, patients=names, source=np.array(source)))
+    with atomic_path(path) as tmp:
+        np.savez(tmp, features=feats, patients=names, source=np.array(source))
     return feats
 
 
@@ -92,10 +93,10 @@ def seed_advised_run(cfg, run_dir: Path, selection: str, checkpoint: str | None,
     from medssl.advise.embed import project
     from medssl.advise.run import advice_rows, write_advice_csv
     from medssl.config import dump_config
+    from medssl.data.atomic import write_text
     from medssl.data.cache import prepare
     from medssl.data.splits import patient_groups, save_split, with_labelled
     from medssl.engine.finetune import build_split
-    from medssl.engine.runs import write_text
 
     if (run_dir / "config.yaml").is_file():
         return
@@ -106,7 +107,7 @@ def seed_advised_run(cfg, run_dir: Path, selection: str, checkpoint: str | None,
     cfg.data.cache_dir = str(Path(cfg.data.cache_dir).expanduser().resolve())
     cache = prepare(cfg.data, progress=False)
     split = build_split(cfg, cache)  # the seeded split: its test and validation parts are kept
-    labelled = sorted(c for c, v in cache.meta["volumes"].items() if v["labelled"])
+    labelled = cache.labelled_cases
     groups = patient_groups(labelled, regex=cfg.split.group_regex, mapping_file=cfg.split.group_file)
     names = sorted(split.patients["labelled"] + split.patients["unlabelled"])
     patients = {p: [c for c in labelled if groups[c] == p] for p in names}

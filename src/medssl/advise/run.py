@@ -9,8 +9,6 @@ labelled case has no test or validation part: every patient is a candidate.
 from __future__ import annotations
 
 import copy
-import csv
-import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -24,7 +22,7 @@ from medssl.advise.embed import (
     project,
 )
 from medssl.advise.strategies import Ranking, check_strategy, rank_patients
-from medssl.data.volume import atomic_write
+from medssl.data.atomic import atomic_path, write_csv, write_json
 from medssl.errors import ConfigError
 
 CSV_FIELDS = ("patient", "rank", "score", "cluster")
@@ -34,13 +32,11 @@ DATA_KEYS = ("axis", "size", "fit", "spacing", "crop", "ct_window", "mri_mode", 
 def training_patients(cfg, cache) -> tuple[dict[str, list[str]], str]:
     """``{patient: [case ids]}`` of the fold's training part (never validation or test) and where it comes from.
 
-    Only ``cache.meta`` (``volumes`` with their ``labelled`` flag, ``root``) is read: see :func:`dataset_index`."""
+    Only ``cache.labelled_cases``, ``unlabelled_cases`` and ``dataset_root`` are read: see :func:`dataset_index`."""
     from medssl.data.splits import patient_groups
     from medssl.engine.finetune import build_split
 
-    volumes = cache.meta["volumes"]
-    labelled = sorted(c for c, v in volumes.items() if v["labelled"])
-    others = sorted(c for c, v in volumes.items() if not v["labelled"])
+    labelled, others = cache.labelled_cases, cache.unlabelled_cases
     rule = dict(regex=cfg.split.group_regex, mapping_file=cfg.split.group_file)
     groups = patient_groups(labelled + others, **rule)
     if not labelled:
@@ -60,8 +56,9 @@ def training_patients(cfg, cache) -> tuple[dict[str, list[str]], str]:
 
 def dataset_index(info) -> SimpleNamespace:
     """What :func:`training_patients` reads of a slice cache, from the dataset listing alone (no volume read)."""
-    volumes = {c.case_id: {"labelled": c.label is not None} for c in info.cases}
-    return SimpleNamespace(meta={"volumes": volumes, "root": str(info.root)})
+    return SimpleNamespace(labelled_cases=sorted(c.case_id for c in info.cases if c.label is not None),
+                           unlabelled_cases=sorted(c.case_id for c in info.cases if c.label is None),
+                           dataset_root=Path(info.root))
 
 
 def check_checkpoint_data(meta: dict, data) -> list[str]:
@@ -93,12 +90,7 @@ def advice_rows(patients: list[str], ranking: Ranking) -> list[dict]:
 
 
 def write_advice_csv(path: Path, rows: list[dict]) -> Path:
-    def write(tmp):
-        with open(tmp, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
-            writer.writeheader()
-            writer.writerows(rows)
-    return atomic_write(path, write)
+    return write_csv(path, rows, CSV_FIELDS)
 
 
 def save_map(path: Path, z: np.ndarray, patients: list[str], ranking: Ranking, m: int, title: str) -> Path:
@@ -126,10 +118,10 @@ def save_map(path: Path, z: np.ndarray, patients: list[str], ranking: Ranking, m
     ax.grid(alpha=0.3)
     fig.tight_layout()
 
-    def write(tmp):
-        fig.savefig(tmp, dpi=100, format="png")
     try:
-        return atomic_write(path, write)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
+        return Path(path)
     finally:
         plt.close(fig)
 
@@ -186,6 +178,6 @@ def run_advise(cfg, *, budget: int, strategy: str = "typical", init: str | None 
     write_advice_csv(out / "advice.csv", rows)
     save_map(out / "embedding.png", z, names, ranking, budget,
              f"{strategy} (seed {seed}), M={budget} of {len(names)} patients of {where}\nfeatures: {source}")
-    atomic_write(out / "advice.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1) + "\n"))
+    write_json(out / "advice.json", result)
     result["out"] = str(out)
     return result

@@ -19,14 +19,13 @@ import csv
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from medssl.config import DataConfig
+from medssl.data.atomic import atomic_dir
 from medssl.data.cases import Case, DatasetInfo
 from medssl.data.intensity import normalize
 from medssl.data.layouts import open_dataset
@@ -122,6 +121,14 @@ def volume_to_slices(image: np.ndarray, label: np.ndarray | None, data: DataConf
 
 @dataclass
 class SliceCache:
+    """A prepared slice cache (open it with :func:`load_cache`).
+
+    Readers use this API, never the files or ``meta`` keys: the per-row arrays below, :meth:`read_images`
+    (a batch of rows), :meth:`rows` / :meth:`span` (the rows of cases), :meth:`case_volume` (one case's
+    slices), :meth:`volume` (one case's record: shape, spacing, labelled, crop, zoom, fit_shape, content)
+    and :attr:`labelled_cases` / :attr:`unlabelled_cases` / :attr:`dataset_root`.
+    """
+
     root: Path
     meta: dict
     images: np.ndarray  # (N, S, S) float32 memmap
@@ -142,6 +149,41 @@ class SliceCache:
     def n_classes(self) -> int:
         return max(self.class_names) + 1
 
+    @property
+    def dataset_root(self) -> Path:
+        """The dataset folder the cache was prepared from."""
+        return Path(self.meta["root"])
+
+    @property
+    def labelled_cases(self) -> list[str]:
+        """Sorted ids of the cases that have a label."""
+        return sorted(c for c, v in self.meta["volumes"].items() if v["labelled"])
+
+    @property
+    def unlabelled_cases(self) -> list[str]:
+        """Sorted ids of the cases without a label (they only feed pretraining)."""
+        return sorted(c for c, v in self.meta["volumes"].items() if not v["labelled"])
+
+    def span(self, case_id: str) -> tuple[int, int]:
+        """``(first row, last row + 1)`` of a case's slices."""
+        if case_id not in self.meta["cases"]:
+            raise DataError(f"{self.root}: case {case_id!r} is not in the prepared cache")
+        a, b = self.meta["cases"][case_id]
+        return int(a), int(b)
+
+    def volume(self, case_id: str) -> dict:
+        """A case's record as built: shape, spacing, labelled, crop, zoom, fit_shape, content (y0, y1, x0, x1)."""
+        self.span(case_id)
+        return self.meta["volumes"][case_id]
+
+    def read_images(self, rows) -> np.ndarray:
+        """(len(rows), S, S) float32 images of the given rows, in that order (read from disk in ascending order)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        order = np.argsort(rows, kind="stable")
+        out = np.empty((len(rows),) + self.images.shape[1:], np.float32)
+        out[order] = self.images[rows[order]]
+        return out
+
     def rows(self, case_ids) -> np.ndarray:
         """Row indices of all slices of the given cases, in case then slice order."""
         wanted = list(case_ids)
@@ -152,8 +194,8 @@ class SliceCache:
         return np.concatenate([np.arange(*spans[c]) for c in wanted]) if wanted else np.zeros(0, int)
 
     def case_volume(self, case_id: str) -> tuple[np.ndarray, np.ndarray]:
-        """(Z, S, S) images and labels of one case, as cached."""
-        a, b = self.meta["cases"][case_id]
+        """(Z, S, S) images and labels of one case, as cached (memory-mapped)."""
+        a, b = self.span(case_id)
         return self.images[a:b], self.labels[a:b]
 
 
@@ -209,16 +251,8 @@ def prepare(data: DataConfig, info: DatasetInfo | None = None, *, progress: bool
     target = cache_path(data, info)
     if target.is_dir() and (target / "meta.json").is_file() and not force:
         return load_cache(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with atomic_dir(target) as tmp:
         _build(data, info, tmp, progress)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return load_cache(target)
 
 

@@ -12,9 +12,11 @@ class Case:
 
     Attributes:
         case_id: identifier (MSD: file name without ``.nii.gz``; nnU-Net v2: without ``_XXXX.nii.gz``).
-        images: one path per channel: NIfTI files, a DICOM series folder, or an HDF5 file.
-        label: label file, or None for an unlabelled case (valid: it feeds pretraining).
-        kind: ``"nifti"``, ``"dicom"`` or ``"h5"``.
+        images: one path per channel: NIfTI files, a DICOM series folder, or an HDF5 file; for kind
+            ``"h5slices"`` the SSL4MIS per-slice files of the one volume, in slice order.
+        label: label file, or None for an unlabelled case (valid: it feeds pretraining); an HDF5 case's
+            label lives in its image file(s).
+        kind: ``"nifti"``, ``"dicom"``, ``"h5"`` or ``"h5slices"``.
     """
 
     case_id: str
@@ -25,6 +27,10 @@ class Case:
     @property
     def has_label(self) -> bool:
         return self.label is not None
+
+    @property
+    def n_channels(self) -> int:
+        return 1 if self.kind == "h5slices" else len(self.images)
 
 
 @dataclass

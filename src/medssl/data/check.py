@@ -18,7 +18,7 @@ from nibabel import orientations as nio
 
 from medssl.data.cases import Case, DatasetInfo
 from medssl.data.layouts import open_dataset
-from medssl.data.readers import label_kind, pair_problems, read_volume
+from medssl.data.readers import pair_problems, read_image, read_label
 from medssl.errors import DataError
 
 
@@ -48,13 +48,16 @@ class CheckResult:
         return not self.problems
 
 
-def _problem(path, exc_or_msg) -> Problem:
-    """Build a Problem, dropping a leading "path: " already present in the message."""
-    path = str(path)
+def _problem(path, exc_or_msg, files=()) -> Problem:
+    """Build a Problem, dropping a leading "path: " already present in the message.
+
+    A message that starts with one of ``files`` (the per-slice files of a stack) is filed under that file.
+    """
     msg = str(exc_or_msg)
-    if msg.startswith(path + ": "):
-        msg = msg[len(path) + 2:]
-    return Problem(path, msg)
+    for p in map(str, (path, *files)):
+        if msg.startswith(p + ": "):
+            return Problem(p, msg[len(p) + 2:])
+    return Problem(str(path), msg)
 
 
 def _check_case(case: Case, info: DatasetInfo, result: CheckResult) -> None:
@@ -62,22 +65,26 @@ def _check_case(case: Case, info: DatasetInfo, result: CheckResult) -> None:
     missing = [f for f in dict.fromkeys(files) if not Path(f).exists()]
     for f in missing:
         result.problems.append(Problem(str(f), f"file not found (case {case.case_id})"))
-    if len(case.images) != 1:
+    if case.n_channels != 1:
         what = "no image file" if not case.images else "multi-channel input is not supported yet"
         result.problems.append(Problem(str(case.images[0]) if case.images else str(info.root),
                                        f"case {case.case_id}: {what}"))
         return
+    if missing and case.kind == "h5slices":
+        return
     image = label = None
     if case.images[0] not in missing:
         try:
-            image = read_volume(case.images[0], kind=case.kind, role="image")
+            image = read_image(case)
         except DataError as exc:
-            result.problems.append(_problem(case.images[0], exc))
+            result.problems.append(_problem(case.images[0], exc, case.images))
     if case.label is not None and case.label not in missing:
         try:
-            label = read_volume(case.label, kind=label_kind(case), role="label")
+            label = read_label(case)
         except DataError as exc:
-            result.problems.append(_problem(case.label, exc))
+            problem = _problem(case.label, exc, case.images)
+            if problem not in result.problems:  # a stack's label can fail like its image (same files)
+                result.problems.append(problem)
     if image is not None and label is not None:
         for msg in pair_problems(image, label, info):
             result.problems.append(_problem(case.label, msg))
@@ -126,7 +133,7 @@ def _canonical_geometry(case: Case) -> tuple[tuple[int, ...], tuple[float, ...]]
             order = np.argsort(axes)
             zooms = np.sqrt((np.asarray(img.affine)[:3, :3] ** 2).sum(axis=0))
             return tuple(int(img.shape[i]) for i in order), tuple(float(zooms[i]) for i in order)
-        vol = read_volume(path, kind=case.kind, role="image")
+        vol = read_image(case)
         return vol.shape, vol.spacing
     except Exception:
         return None
@@ -136,7 +143,7 @@ def summarize(info: DatasetInfo) -> dict:
     """Counts, modality, labels and the range of shapes and spacings (unreadable cases skipped)."""
     shapes, spacings = [], []
     for case in info.cases:
-        if len(case.images) != 1:
+        if case.n_channels != 1:
             continue
         geom = _canonical_geometry(case)
         if geom is not None and len(geom[0]) >= 3:

@@ -4,7 +4,8 @@ Supported inputs:
   * MSD v1 folder: ``dataset.json`` with ``modality`` (labels index -> name);
   * nnU-Net v2 folder: ``dataset.json`` with ``channel_names`` (labels name -> index);
   * a folder of DICOM slices (one case; label NIfTI via ``label=``);
-  * a folder of ``.h5`` files (one case per file);
+  * a folder of ``.h5`` files (one case per file; SSL4MIS per-slice files ``<case>_slice_<K>.h5`` are one case
+    per ``<case>``, restacked by :func:`medssl.data.readers.read_slices`; a whole-volume ``<case>.h5`` wins);
   * a single ``.nii``/``.nii.gz`` (or ``.h5``) file (one case; label via ``label=``).
 
 Missing files are *not* an error here: :func:`medssl.data.check.check_dataset` reports them.
@@ -18,10 +19,9 @@ from collections import defaultdict
 from pathlib import Path
 
 from medssl.data.cases import Case, DatasetInfo
+from medssl.data.readers import H5_SUFFIXES, NIFTI_ENDINGS, read_volume, slice_file, volume_stem
 from medssl.errors import ConfigError, DataError
 
-NIFTI_ENDINGS = (".nii.gz", ".nii")
-H5_SUFFIXES = (".h5", ".hdf5")
 MRI_WORDS = ("MR", "MRI", "T1", "T2", "FLAIR", "ADC")
 
 
@@ -36,13 +36,6 @@ def normalize_modality(name: str | None) -> str:
     if up.startswith("MR") or tokens & set(MRI_WORDS) or any(up.startswith(w) for w in MRI_WORDS):
         return "MRI"
     return up
-
-
-def _strip_nifti(name: str) -> str | None:
-    for end in NIFTI_ENDINGS:
-        if name.endswith(end):
-            return name[: -len(end)]
-    return None
 
 
 def _visible_files(folder: Path) -> list[Path]:
@@ -123,7 +116,7 @@ def _open_msd(root: Path, meta: dict, js: Path) -> DatasetInfo:
             raise DataError(f"{js}: training entry {i} must be an object with 'image' and 'label'")
         image = _rel(root, entry["image"])
         label = _rel(root, entry["label"]) if entry.get("label") else None
-        cid = _strip_nifti(image.name) or image.name
+        cid = volume_stem(image.name, NIFTI_ENDINGS) or image.name
         cases.append(Case(cid, (image,), label))
         listed.add(image.name)
     for i, entry in enumerate(meta.get("test", []) or []):
@@ -131,11 +124,11 @@ def _open_msd(root: Path, meta: dict, js: Path) -> DatasetInfo:
         if not name:
             raise DataError(f"{js}: test entry {i} has no image path")
         image = _rel(root, name)
-        cases.append(Case(_strip_nifti(image.name) or image.name, (image,), None))
+        cases.append(Case(volume_stem(image.name, NIFTI_ENDINGS) or image.name, (image,), None))
         listed.add(image.name)
     for folder, labelled in (("imagesTr", True), ("imagesTs", False)):
         for image in _visible_files(root / folder):
-            cid = _strip_nifti(image.name)
+            cid = volume_stem(image.name, NIFTI_ENDINGS)
             if cid is None or image.name in listed:
                 continue
             label = root / "labelsTr" / image.name
@@ -184,13 +177,31 @@ def _h5_has_label(path: Path) -> tuple[bool, object]:
         return True, None  # unreadable: keep it listed as labelled so check reports the read error
 
 
+def _h5_cases(files: list[Path]) -> list[Case]:
+    """One case per whole-volume file, one per group of per-slice files (unless that case has a volume file)."""
+    stacks: dict[str, list[Path]] = defaultdict(list)
+    cases = []
+    for f in files:
+        parsed = slice_file(f)
+        if parsed is None:
+            cases.append(Case(f.stem, (f,), f, "h5"))
+        else:
+            stacks[parsed[0]].append(f)
+    whole = {c.case_id for c in cases}
+    for cid, group in stacks.items():
+        if cid not in whole:
+            group = sorted(group, key=lambda p: slice_file(p)[1])
+            cases.append(Case(cid, tuple(group), group[0], "h5slices"))
+    return cases
+
+
 def _open_h5(root: Path, files: list[Path], meta: dict | None, js: Path | None) -> DatasetInfo:
     cases, first_attr = [], None
-    for f in files:
-        has_label, attr = _h5_has_label(f)
+    for c in _h5_cases(files):
+        has_label, attr = _h5_has_label(c.images[0])
         if first_attr is None and attr is not None:
             first_attr = attr
-        cases.append(Case(f.stem, (f,), f if has_label else None, "h5"))
+        cases.append(c if has_label else Case(c.case_id, c.images, None, c.kind))
     if meta is not None and "labels" in meta:
         labels = _labels_any(meta["labels"], js)
     elif first_attr is not None:
@@ -233,8 +244,6 @@ def _single_case_labels(label: Path | None, kind: str) -> dict[int, str]:
     """Label names for a one-case dataset: the values present in its label file."""
     if label is None or not Path(label).exists():
         return {}
-    from medssl.data.readers import read_volume
-
     import numpy as np
 
     try:
@@ -266,8 +275,9 @@ def open_dataset(
     if root.is_file() and root.name == "dataset.json":
         root = root.parent
     if root.is_file():
-        if _strip_nifti(root.name) is not None:
-            info = DatasetInfo(root, "nifti", "UNKNOWN", {}, [Case(_strip_nifti(root.name), (root,), label_path)], root.name)
+        stem = volume_stem(root.name, NIFTI_ENDINGS)
+        if stem is not None:
+            info = DatasetInfo(root, "nifti", "UNKNOWN", {}, [Case(stem, (root,), label_path)], root.name)
         elif root.suffix.lower() in H5_SUFFIXES:
             info = _open_h5(root.parent, [root], None, None)
             info.root = root

@@ -23,7 +23,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from medssl.data.volume import atomic_write
+from medssl.data.atomic import atomic_path, write_json
 from medssl.errors import ConfigError, DataError
 
 GENERATOR_VERSION = 3
@@ -244,7 +244,8 @@ def _save(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
     img.header.set_slope_inter(1, 0)
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
-    atomic_write(path, lambda tmp: nib.save(img, tmp))
+    with atomic_path(path) as tmp:
+        nib.save(img, tmp)
 
 
 def write_phantom_dataset(
@@ -312,7 +313,7 @@ def write_phantom_dataset(
         "training": training, "test": test,
         "phantom": params,
     }
-    atomic_write(js, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
+    write_json(js, meta, indent=2)
     return root
 
 

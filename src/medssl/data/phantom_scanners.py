@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from medssl.data.atomic import write_json
 from medssl.data.phantom import LABELS, _save, generate_case
-from medssl.data.volume import atomic_write
 
 NAME = "medssl-scanner-phantom"
 FOV_MM = 380.0
@@ -59,5 +59,5 @@ def write_scanner_phantom(root: str | Path, *, n_cases: int = 16, seed: int = 0,
     meta = {"name": NAME, "description": "medssl phantom CT, one scanner (matrix, table position) per case",
             "tensorImageSize": "3D", "modality": {"0": "CT"}, "labels": {str(k): v for k, v in LABELS.items()},
             "numTraining": n_cases, "numTest": 0, "training": training, "test": [], "phantom": params}
-    atomic_write(js, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
+    write_json(js, meta, indent=2)
     return root

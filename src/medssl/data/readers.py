@@ -14,13 +14,18 @@ Conventions:
     (X, Y, Z) unless ``axes="zyx"`` is passed or the dataset/file has an ``axes`` attribute
     (``"zyx"`` is what the SSL4MIS ACDC volumes use: (slices, H, W)). Optional attributes
     ``affine`` (4x4, RAS, for the (X, Y, Z) array) or ``spacing`` (3 floats, X/Y/Z order);
-    without them the grid is 1 mm isotropic with an identity affine.
+    without them the grid is 1 mm isotropic with an identity affine;
+  * SSL4MIS per-slice HDF5 files ``<case>_slice_<K>.h5`` (2D ``image``/``label``, kind ``"h5slices"``)
+    are restacked by K into one volume: the stack is what the whole (slices, H, W) volume file gives
+    with ``axes="zyx"``; the slice files' ``spacing``/``affine`` attributes (of the first file) apply.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
+from typing import Sequence
 
 import nibabel as nib
 import numpy as np
@@ -31,10 +36,26 @@ from medssl.errors import DataError
 
 log = logging.getLogger(__name__)
 
-KINDS = ("nifti", "dicom", "h5")
+KINDS = ("nifti", "dicom", "h5")  # one file or folder each; "h5slices" (a stack of files) is read by read_slices
 ROLES = ("image", "label")
 AFFINE_TOL_MM = 1e-3
 H5_SUFFIXES = (".h5", ".hdf5")
+NIFTI_ENDINGS = (".nii.gz", ".nii")
+SLICE_FILE = re.compile(r"^(?P<case>.+)_slice_(?P<k>\d+)\.(?:h5|hdf5)$", re.IGNORECASE)  # SSL4MIS per-slice file
+
+
+def volume_stem(name: str, endings: tuple[str, ...] = NIFTI_ENDINGS + H5_SUFFIXES) -> str | None:
+    """A file name without its volume ending (``.nii.gz``, ``.nii``, ``.h5``, ``.hdf5``), or None without one."""
+    for end in endings:
+        if name.endswith(end):
+            return name[: -len(end)]
+    return None
+
+
+def slice_file(path: str | Path) -> tuple[str, int] | None:
+    """``(case id, K)`` of an SSL4MIS per-slice file name ``<case>_slice_<K>.h5``, else None."""
+    m = SLICE_FILE.match(Path(path).name)
+    return (m["case"], int(m["k"])) if m else None
 
 
 def guess_kind(path: str | Path) -> str:
@@ -151,7 +172,8 @@ def _h5_attr(dset, fh, name):
     return None
 
 
-def _read_h5(path: Path, role: str, axes: str | None) -> Volume:
+def _h5_dataset(path: Path, role: str) -> tuple[np.ndarray, dict]:
+    """The ``role`` dataset of an HDF5 file and its ``axes``/``spacing``/``affine`` attributes (or the file's)."""
     import h5py
 
     try:
@@ -159,14 +181,20 @@ def _read_h5(path: Path, role: str, axes: str | None) -> Volume:
             if role not in fh:
                 raise DataError(f"{path}: no '{role}' dataset in HDF5 file (keys: {', '.join(sorted(fh.keys()))})")
             dset = fh[role]
-            data = np.asarray(dset[()])
-            attr_axes = _h5_attr(dset, fh, "axes")
-            spacing = _h5_attr(dset, fh, "spacing")
-            affine = _h5_attr(dset, fh, "affine")
+            return np.asarray(dset[()]), {k: _h5_attr(dset, fh, k) for k in ("axes", "spacing", "affine")}
     except DataError:
         raise
     except Exception as exc:
         raise DataError(f"{path}: cannot read HDF5 file ({type(exc).__name__}: {exc})") from None
+
+
+def _read_h5(path: Path, role: str, axes: str | None) -> Volume:
+    data, attrs = _h5_dataset(path, role)
+    return _h5_volume(path, data, attrs, axes)
+
+
+def _h5_volume(path: Path, data: np.ndarray, attrs: dict, axes: str | None) -> Volume:
+    attr_axes, spacing, affine = attrs["axes"], attrs["spacing"], attrs["affine"]
     if axes is None and attr_axes is not None:
         axes = attr_axes.decode() if isinstance(attr_axes, bytes) else str(attr_axes)
     axes = (axes or "xyz").lower()
@@ -189,6 +217,47 @@ def _read_h5(path: Path, role: str, axes: str | None) -> Volume:
         aff = np.eye(4)
     vol = from_nifti_image(nib.Nifti1Image(data, aff), source=str(path))
     vol.meta.update(h5_axes=axes, h5_has_geometry=affine is not None or spacing is not None)
+    return vol
+
+
+def read_slices(paths: Sequence[str | Path], *, role: str = "image") -> Volume:
+    """Restack SSL4MIS per-slice files ``<case>_slice_<K>.h5`` (one case, any order) into one volume.
+
+    Every file must hold a 2D ``role`` dataset of one shape, and the K must run without a gap; each problem
+    is a one-line :class:`DataError` naming the file.
+    """
+    if role not in ROLES:
+        raise DataError(f"{paths[0] if paths else '?'}: unknown role {role!r} (expected 'image' or 'label')")
+    numbered = []
+    for p in map(Path, paths):
+        parsed = slice_file(p)
+        if parsed is None:
+            raise DataError(f"{p}: not a per-slice file name '<case>_slice_<K>.h5'")
+        numbered.append((parsed[1], p))
+    if not numbered:
+        raise DataError("no per-slice HDF5 files to stack")
+    numbered.sort()
+    case = slice_file(numbered[0][1])[0]
+    for (k0, p0), (k1, p1) in zip(numbered, numbered[1:]):
+        if k1 != k0 + 1:
+            what = f"slice {k0} appears twice" if k1 == k0 else f"slice {k0 + 1} is missing"
+            raise DataError(f"{p1}: {what} (case {case}, slices {numbered[0][0]}..{numbered[-1][0]})")
+    slices, attrs, first = [], None, None
+    for _, p in numbered:
+        if not p.is_file():
+            raise DataError(f"{p}: file not found")
+        data, a = _h5_dataset(p, role)
+        if data.ndim != 2:
+            raise DataError(f"{p}: expected a 2D slice, got shape {tuple(int(s) for s in data.shape)}")
+        if first is None:
+            first, attrs = p, a
+        elif data.shape != slices[0].shape:
+            raise DataError(f"{p}: slice shape {data.shape} differs from {tuple(slices[0].shape)} of {first.name}")
+        slices.append(data)
+    source = first.with_name(f"{case}_slice_*{first.suffix}")
+    vol = _h5_volume(source, np.stack(slices), {**attrs, "axes": None}, "zyx")  # (K, H, W): slices first
+    vol.array = _finish_array(vol.array, source, role)
+    vol.meta.update(n_slice_files=len(slices))
     return vol
 
 
@@ -250,6 +319,8 @@ def pair_problems(image: Volume, label: Volume, dataset: DatasetInfo) -> list[st
 
 def read_image(case: Case) -> Volume:
     """Read a case's (single-channel) image."""
+    if case.kind == "h5slices":
+        return read_slices(case.images, role="image")
     if len(case.images) == 0:
         raise DataError(f"case {case.case_id}: no image file")
     if len(case.images) > 1:
@@ -262,6 +333,8 @@ def read_label(case: Case) -> Volume | None:
     """Read a case's label (None for an unlabelled case)."""
     if case.label is None:
         return None
+    if case.kind == "h5slices":
+        return read_slices(case.images, role="label")
     return read_volume(case.label, kind=label_kind(case), role="label")
 
 

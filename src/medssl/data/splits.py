@@ -3,30 +3,30 @@
 The unit of every split is the *patient*: all cases (time frames, follow-up scans) of one patient always go
 to the same part. The protocol (as in the KAF and PCL papers' released code):
 
-- test fold: ``KFold(n_splits, shuffle=True, random_state=fold_seed)`` over the **sorted** unique patient ids,
-  reproduced without sklearn (or a fixed hold-out list of test cases);
+- test fold: scikit-learn's ``KFold(n_splits, shuffle=True, random_state=fold_seed)`` over the **sorted** unique
+  patient ids (or a fixed hold-out list of test cases);
 - validation subset: ``val_patients`` patients drawn with ``val_seed`` from the non-test patients;
 - label budget: M patients from the remaining training patients, ``nested`` (first M of one seeded permutation,
   so M=2 is a subset of M=5) or ``legacy`` (``random.seed(s); random.sample(train_ids, M)`` as KAF/PCL);
 - unlabelled: the rest of the training part.
+
+Cases are grouped into patients by :func:`medssl.data.patients.patient_groups` (re-exported here).
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import numbers
-import os
 import random
-import re
-import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from medssl.data.atomic import write_text
+from medssl.data.patients import describe_rule, patient_groups
 from medssl.errors import ConfigError
 
 __all__ = [
@@ -45,97 +45,6 @@ BUDGET_MODES = ("nested", "legacy")
 PARTS = ("test", "val", "labelled", "unlabelled")
 
 
-# --------------------------------------------------------------------------------------------- grouping
-def describe_rule(regex: str | None = None, mapping_file: str | Path | None = None) -> str:
-    """A one-line description of the case → patient grouping rule."""
-    if regex is not None and mapping_file is not None:
-        raise ConfigError("patient grouping: give either a regex or a mapping file, not both")
-    if regex is not None:
-        return f"regex '{regex}' (re.match; group 'patient', else group 1, else the whole match)"
-    if mapping_file is not None:
-        return f"mapping file '{mapping_file}' (case -> patient)"
-    return "each case is its own patient"
-
-
-def _compile(regex: str) -> re.Pattern[str]:
-    try:
-        return re.compile(regex)
-    except re.error as exc:
-        raise ConfigError(f"patient grouping regex {regex!r} is invalid: {exc}") from None
-
-
-def _read_mapping(path: Path) -> dict[str, str]:
-    """Read ``{case: patient}`` from a JSON object or a CSV with columns ``case,patient``."""
-    if not path.is_file():
-        raise ConfigError(f"patient mapping file {path} not found")
-    text = path.read_text(encoding="utf-8-sig")
-    if path.suffix.lower() == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"patient mapping file {path} is not valid JSON: {exc.msg} (line {exc.lineno})") from None
-        if not isinstance(data, dict) or not all(isinstance(v, (str, int)) for v in data.values()):
-            raise ConfigError(f"patient mapping file {path} must hold a JSON object {{case: patient}}")
-        return {str(k): str(v) for k, v in data.items()}
-    reader = csv.DictReader(text.splitlines(), delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
-    fields = [f.strip() for f in (reader.fieldnames or [])]
-    if "case" not in fields or "patient" not in fields:
-        raise ConfigError(f"patient mapping file {path} needs a header with columns 'case' and 'patient' "
-                          f"(got {fields})")
-    reader.fieldnames = fields
-    out: dict[str, str] = {}
-    for row in reader:
-        case, patient = (row.get("case") or "").strip(), (row.get("patient") or "").strip()
-        if not case and not patient:
-            continue
-        if not case or not patient:
-            raise ConfigError(f"patient mapping file {path}: line {reader.line_num} lacks a case or a patient")
-        if out.get(case, patient) != patient:
-            raise ConfigError(f"patient mapping file {path}: case {case!r} is mapped to two patients")
-        out[case] = patient
-    return out
-
-
-def patient_groups(
-    case_ids: Iterable[str],
-    *,
-    regex: str | None = None,
-    mapping_file: str | Path | None = None,
-) -> dict[str, str]:
-    """Map every case id to its patient id.
-
-    ``regex`` is applied with :func:`re.match`; the patient is its named group ``patient``, else its first group,
-    else the whole match (e.g. ``(patient\\d+)_frame\\d+``). ``mapping_file`` is a CSV (columns ``case,patient``)
-    or a JSON object ``{case: patient}``. Without a rule each case is its own patient.
-    """
-    describe_rule(regex, mapping_file)  # rejects both rules at once
-    cases = [str(c) for c in case_ids]
-    if regex is not None:
-        pattern = _compile(regex)
-        out: dict[str, str] = {}
-        for case in cases:
-            m = pattern.match(case)
-            if m is None:
-                raise ConfigError(f"case {case!r} does not match the patient grouping regex {regex!r}")
-            if "patient" in pattern.groupindex:
-                patient = m.group("patient")
-            else:
-                patient = m.group(1) if pattern.groups else m.group(0)
-            if not patient:
-                raise ConfigError(f"patient grouping regex {regex!r} gives an empty patient id for case {case!r}")
-            out[case] = patient
-        return out
-    if mapping_file is not None:
-        path = Path(mapping_file)
-        mapping = _read_mapping(path)
-        missing = [c for c in cases if c not in mapping]
-        if missing:
-            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-            raise ConfigError(f"case {missing[0]!r}{more} is missing from the patient mapping file {path}")
-        return {c: mapping[c] for c in cases}
-    return {c: c for c in cases}
-
-
 # --------------------------------------------------------------------------------------------- k-fold
 def _check_int(name: str, value: Any, *, minimum: int | None = 0) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
@@ -148,24 +57,17 @@ def _check_int(name: str, value: Any, *, minimum: int | None = 0) -> int:
 def kfold_patients(patient_ids: Iterable[str], n_folds: int = 5, seed: int = 12345) -> list[list[str]]:
     """Test folds of ``sklearn.model_selection.KFold(n_folds, shuffle=True, random_state=seed)``.
 
-    Runs over the **sorted** unique patient ids: ``np.arange(n)`` is shuffled by
-    ``np.random.RandomState(seed).shuffle``, cut into consecutive folds whose first ``n % k`` get one extra item;
-    each fold is returned in ascending (sorted-id) order, as sklearn's ``split`` yields test indices.
+    Runs over the **sorted** unique patient ids (so the input order does not matter); each fold comes back in
+    sorted-id order, as ``KFold.split`` yields test indices. ``tests/test_split_pins.py`` pins the folds.
     """
+    from sklearn.model_selection import KFold
+
     ids = sorted({str(p) for p in patient_ids})
     k = _check_int("n_folds", n_folds, minimum=2)
     seed = _check_int("fold_seed", seed)
     if k > len(ids):
         raise ConfigError(f"n_folds={k} exceeds the {len(ids)} patients available")
-    order = np.arange(len(ids))
-    np.random.RandomState(seed).shuffle(order)
-    sizes = np.full(k, len(ids) // k, dtype=int)
-    sizes[: len(ids) % k] += 1
-    folds, start = [], 0
-    for size in sizes:
-        folds.append([ids[i] for i in sorted(order[start : start + size].tolist())])
-        start += size
-    return folds
+    return [[ids[i] for i in test] for _, test in KFold(k, shuffle=True, random_state=seed).split(ids)]
 
 
 # --------------------------------------------------------------------------------------------- split record
@@ -249,19 +151,8 @@ class Split:
 
 
 def save_split(split: Split, path: str | Path) -> Path:
-    """Write ``split`` as JSON atomically (temp file in the same folder + ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(split.to_json() + "\n")
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write ``split`` as JSON atomically (see :mod:`medssl.data.atomic`)."""
+    return write_text(path, split.to_json() + "\n")
 
 
 def load_split(path: str | Path) -> Split:

@@ -10,7 +10,6 @@ shape, affine and header: predictions land in the geometry of the input.
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import nibabel as nib
 import numpy as np
 from nibabel import orientations as nio
 
+from medssl.data.atomic import atomic_path
 from medssl.errors import DataError
 
 RAS = nio.axcodes2ornt(("R", "A", "S"))
@@ -84,30 +84,6 @@ def from_nifti_image(img: nib.spatialimages.SpatialImage, source: str) -> Volume
     )
 
 
-def atomic_write(path: str | os.PathLike, write_fn) -> Path:
-    """Call ``write_fn(tmp_path)`` then rename onto ``path``: no half-written file is ever left.
-
-    The temporary file keeps the target's suffixes so writers that look at the
-    extension (nibabel, numpy) pick the right format.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(path.suffixes) or ".tmp"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        write_fn(tmp)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 def save_like(array: np.ndarray, reference: Volume, path: str | os.PathLike, dtype=np.uint8) -> Path:
     """Write ``array`` (canonical grid of ``reference``) as NIfTI in the reference's stored geometry."""
     data = reference.to_original(np.asarray(array)).astype(dtype)
@@ -117,4 +93,6 @@ def save_like(array: np.ndarray, reference: Volume, path: str | os.PathLike, dty
     img.header.set_slope_inter(1, 0)
     img.set_qform(reference.original_affine, code=1)
     img.set_sform(reference.original_affine, code=1)
-    return atomic_write(path, lambda tmp: nib.save(img, tmp))
+    with atomic_path(path) as tmp:
+        nib.save(img, tmp)
+    return Path(path)

@@ -8,14 +8,16 @@ from pathlib import Path
 
 import torch
 
-from medssl.data.volume import atomic_write
+from medssl.data.atomic import atomic_path
 from medssl.errors import TrainingError
 
 
 def save_checkpoint(path: str | Path, *, model: dict, meta: dict, **extra) -> Path:
     """Write ``{"model": state_dict, "meta": json, **extra}`` to a temporary name, then rename."""
     payload = {"model": model, "meta": json.dumps(meta), **extra}
-    return atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return Path(path)
 
 
 def load_checkpoint(path: str | Path, *, sha256: str | None = None) -> dict:

@@ -13,6 +13,7 @@ from monai.metrics import compute_dice
 from torch.utils.data import DataLoader
 
 from medssl.config import Config
+from medssl.data.atomic import write_json, write_text
 from medssl.data.augment import build_augmentation, make_generator, sample_seed
 from medssl.data.cache import SliceCache, prepare
 from medssl.data.layouts import open_dataset
@@ -22,7 +23,7 @@ from medssl.data.torch_data import EpochSampler, SliceDataset
 from medssl.engine.checkpoint import load_checkpoint
 from medssl.engine.distributed import DistInfo, barrier, broadcast_object, init_distributed
 from medssl.engine.inference import segment_logits
-from medssl.engine.runs import RunDir, write_json, write_text
+from medssl.engine.runs import RunDir
 from medssl.engine.trainer import Trainer
 from medssl.errors import ConfigError, DataError
 from medssl.models import build_model, load_encoder
@@ -30,11 +31,9 @@ from medssl.models import build_model, load_encoder
 
 def build_split(cfg: Config, cache: SliceCache) -> Split:
     """Split the labelled cases by patient; cases without labels only ever feed pretraining."""
-    volumes = cache.meta["volumes"]
-    labelled = sorted(c for c, v in volumes.items() if v["labelled"])
-    unlabelled_only = sorted(c for c, v in volumes.items() if not v["labelled"])
+    labelled, unlabelled_only = cache.labelled_cases, cache.unlabelled_cases
     if not labelled:
-        raise DataError(f"{cache.meta['root']}: no labelled cases: fine-tuning needs at least one")
+        raise DataError(f"{cache.dataset_root}: no labelled cases: fine-tuning needs at least one")
     test_cases = None
     if cfg.split.test_cases:
         path = Path(cfg.split.test_cases).expanduser()
@@ -191,8 +190,7 @@ def finetune(cfg: Config, *, resume: bool = False, progress: bool = True) -> Pat
     model = build_model(cfg.model.backbone, in_channels=1, n_classes=cache.n_classes,
                         features=cfg.model.features, **cfg.model.options)
     patch = cfg.train.patch_size if patch_active(cfg.train.patch_size, cfg.data.size) else 0
-    prepare = getattr(model, "prepare_batch", None)  # models needing more than the image (kaf-unet keypoints)
-    if patch and prepare is not None:  # its cached keypoints live in canvas coordinates
+    if patch and model.canvas_batches:  # e.g. kaf-unet: its cached keypoints live in canvas coordinates
         raise ConfigError(f"train.patch_size is not supported with backbone {cfg.model.backbone}")
     if cfg.train.init and not (resume and run.last.is_file()):  # a run killed before its first checkpoint
         init_from_checkpoint(model, cfg.train.init, cfg.train.init_mode, cfg.model.backbone)
@@ -227,11 +225,8 @@ def finetune(cfg: Config, *, resume: bool = False, progress: bool = True) -> Pat
         with torch.profiler.record_function("medssl.augment"):
             if patch:  # one patch per sample, cut from the canvas before the augmentation
                 x, y = random_patches(x, y, patch, cfg.train.foreground_oversample, g)
-            extra = {}
-            if prepare is not None:  # augments x, y itself with the same draws, returns forward keywords
-                x, y, extra = prepare(batch, x, y, pipeline, g, cache)
-            elif pipeline is not None:
-                x, y = pipeline(x, y, g)
+            # the augmentation, or the backbone's own (kaf-unet: keypoints with the same draws) + forward keywords
+            x, y, extra = model.prepare_batch(batch, x, y, pipeline, g, cache)
         if cfg.train.freeze_encoder or step < cfg.train.encoder_frozen_steps:
             model.encoder.eval()  # BatchNorm statistics stay those of the initialisation
         else:
@@ -244,7 +239,7 @@ def finetune(cfg: Config, *, resume: bool = False, progress: bool = True) -> Pat
                       steps_per_epoch=steps, meta=meta, param_groups=param_groups(model, cfg),
                       validate=Validator(cache, split.val, dist.device, patch=patch, overlap=cfg.eval.sw_overlap,
                                          mode=cfg.eval.sw_mode),
-                      progress=progress)
+                      progress=progress, find_unused=model.ddp_find_unused)
     state = trainer.fit(resume=resume)
     if dist.is_main:
         write_json(run.path / "train_state.json", dataclasses.asdict(state))

@@ -16,12 +16,13 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from medssl.config import Config
+from medssl.config import Config, resolve_options
+from medssl.data.atomic import write_json, write_text
 from medssl.data.augment import make_generator, sample_seed
 from medssl.data.torch_data import EpochSampler, SliceDataset
 from medssl.engine.distributed import barrier, init_distributed
 from medssl.engine.finetune import begin_run, setup_run
-from medssl.engine.runs import RunDir, write_json, write_text
+from medssl.engine.runs import RunDir
 from medssl.engine.trainer import Trainer
 from medssl.errors import ConfigError, DataError
 from medssl.methods import available_methods, build_method
@@ -37,6 +38,7 @@ def pretrain(cfg: Config, *, resume: bool = False, progress: bool = True) -> Pat
     if cfg.pretrain.method not in available_methods():
         raise ConfigError(f"pretrain.method: unknown method {cfg.pretrain.method!r}; "
                           f"available: {', '.join(available_methods())}")
+    resolve_options(cfg.pretrain)  # the methods' options (pretrain.<section>) are checked before any work
     cache, split = setup_run(cfg, run, dist, resume=resume, progress=progress)
     cases = sorted(set(split.labelled) | set(split.unlabelled))
     rows = cache.rows(cases)
@@ -47,10 +49,10 @@ def pretrain(cfg: Config, *, resume: bool = False, progress: bool = True) -> Pat
     seg = build_model(cfg.model.backbone, in_channels=1, n_classes=cache.n_classes, features=cfg.model.features,
                       **cfg.model.options)
     method = build_method(cfg.pretrain.method, seg.encoder, cfg.pretrain, cfg.aug, decoder=seg.decoder)
-    if hasattr(method, "select_rows"):  # methods with their own example selection (PolyCL)
-        rows = method.select_rows(cache, rows)
-        if dist.is_main:
-            print(f"{cfg.pretrain.method}: {method.counts}")
+    method.check_labels(cache, rows)  # a method that needs_labels gets them for every pretraining case
+    rows = method.select_rows(cache, rows)  # its own example selection (PolyCL, KAF), or all rows
+    if dist.is_main and method.counts:
+        print(f"{cfg.pretrain.method}: {method.counts}")
     if len(rows) < cfg.train.batch_size:
         raise DataError(f"{cfg.pretrain.method}: {len(rows)} usable anchor slices, fewer than one batch "
                         f"({cfg.train.batch_size})")
@@ -71,19 +73,18 @@ def pretrain(cfg: Config, *, resume: bool = False, progress: bool = True) -> Pat
     def loss_fn(net, batch, step):
         batch = {k: (v.to(dist.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
         g = make_generator(sample_seed(cfg.train.seed, dist.rank, step), dist.device)
-        module = net.module if hasattr(net, "module") else net
-        if hasattr(module, "set_step"):  # methods with stages (gcl-full)
-            module.set_step(step, cfg.train.epochs * steps)
-        loss, logs = module.loss(batch, g)
+        method.set_step(step, cfg.train.epochs * steps)  # staged methods (gcl-full); net may be its DDP wrapper
+        loss, logs = method.loss(batch, g)
         monitor(step, logs, float(loss.detach()))  # embedding spread + stuck loss: warns, then stops
         return loss, logs
 
     meta = {"kind": "pretrain", "method": cfg.pretrain.method, "model": dataclasses.asdict(cfg.model),
-            "pretrain": dataclasses.asdict(cfg.pretrain), "data": dataclasses.asdict(cfg.data),
-            "n_cases": len(cases), "n_slices": int(len(rows)), "selection": getattr(method, "counts", {}),
+            "pretrain": cfg.to_dict()["pretrain"], "data": dataclasses.asdict(cfg.data),
+            "n_cases": len(cases), "n_slices": int(len(rows)), "selection": method.counts,
             "transfer_decoder_stages": list(method.transfer_decoder_stages)}
     trainer = Trainer(model=method, cfg=cfg.train, run=run, dist=dist, loss_fn=loss_fn, make_loader=make_loader,
-                      steps_per_epoch=steps, validate=None, meta=meta, progress=progress)
+                      steps_per_epoch=steps, validate=None, meta=meta, progress=progress,
+                      find_unused=method.ddp_find_unused)
     state = trainer.fit(resume=resume)
     if dist.is_main:
         write_json(run.path / "train_state.json", dataclasses.asdict(state))
@@ -92,8 +93,8 @@ def pretrain(cfg: Config, *, resume: bool = False, progress: bool = True) -> Pat
             f"- data: `{cfg.data.path}`, fold {split.fold} of {split.n_folds}: {len(cases)} training patients' "
             f"images ({len(rows)} slices); validation and test patients excluded",
             f"- backbone: {cfg.model.backbone} f={cfg.model.features}; method settings: "
-            f"{dataclasses.asdict(cfg.pretrain)}",
-            f"- example selection: {getattr(method, 'counts', {}) or 'none'}",
+            f"{cfg.to_dict()['pretrain']}",
+            f"- example selection: {method.counts or 'none'}",
             f"- {cfg.train.epochs} epochs, {state.step} steps, batch {cfg.train.batch_size}, lr {cfg.train.lr}",
             f"- encoder for fine-tuning: `{run.last}` (medssl finetune --init {run.last})", ""]))
     barrier(dist)

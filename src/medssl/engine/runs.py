@@ -13,7 +13,7 @@ import torch
 
 import medssl
 from medssl.config import Config, config_from_dict, dump_config
-from medssl.data.volume import atomic_write
+from medssl.data.atomic import write_json, write_text
 from medssl.errors import ConfigError
 
 import yaml
@@ -32,16 +32,6 @@ def git_commit() -> dict:
         except (OSError, subprocess.SubprocessError):
             continue
     return {"commit": None, "dirty": None, "where": None}
-
-
-def write_text(path: Path, text: str) -> None:
-    def _w(tmp):
-        Path(tmp).write_text(text)
-    atomic_write(path, _w)
-
-
-def write_json(path: Path, obj) -> None:
-    write_text(path, json.dumps(obj, indent=1, default=str))
 
 
 class RunDir:

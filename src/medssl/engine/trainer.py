@@ -105,8 +105,11 @@ class Trainer:
     def __init__(self, *, model: nn.Module, cfg: TrainConfig, run: RunDir, dist: DistInfo,
                  loss_fn: Callable, make_loader: Callable, steps_per_epoch: int,
                  validate: Callable | None = None, meta: dict | None = None, progress: bool = True,
-                 param_groups: list[dict] | None = None):
+                 param_groups: list[dict] | None = None, find_unused: bool = False):
+        """``find_unused``: the model may leave parameters unused in a step (its ``ddp_find_unused``); multi-GPU
+        DistributedDataParallel must then look for them."""
         self.model, self.cfg, self.run, self.dist = model.to(dist.device), cfg, run, dist
+        self.find_unused = find_unused
         self.loss_fn, self.make_loader, self.validate = loss_fn, make_loader, validate
         self.steps_per_epoch, self.meta, self.progress = steps_per_epoch, meta or {}, progress
         self.amp = amp_enabled(cfg.amp, dist.device)
@@ -149,7 +152,7 @@ class Trainer:
         if dist.enabled:
             ids = [dist.device.index] if dist.device.type == "cuda" else None
             net = nn.parallel.DistributedDataParallel(  # staged methods leave parameters unused per step
-                self.model, device_ids=ids, find_unused_parameters=getattr(self.model, "ddp_find_unused", False))
+                self.model, device_ids=ids, find_unused_parameters=self.find_unused)
         if dist.is_main:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(str(self.run.path / "tensorboard"))

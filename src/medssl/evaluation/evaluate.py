@@ -8,17 +8,17 @@ the checkpoint evaluated is the one chosen on the validation cases during fine-t
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 from pathlib import Path
+from typing import Sequence
 
+from medssl.data.atomic import write_csv, write_json, write_text
+from medssl.data.discover import find_volumes, read_item
 from medssl.data.layouts import open_dataset
-from medssl.data.readers import guess_kind, read_case, read_volume
+from medssl.data.readers import read_case
 from medssl.data.splits import load_split
-from medssl.data.volume import atomic_write, save_like
+from medssl.data.volume import save_like
 from medssl.engine.inference import Predictor, load_predictor
-from medssl.engine.runs import RunDir, write_json, write_text
+from medssl.engine.runs import RunDir
 from medssl.errors import ConfigError, DataError
 from medssl.evaluation.metrics import aggregate, per_case_rows, volume_scores
 
@@ -34,8 +34,12 @@ def run_checkpoint(run_dir: str | Path, which: str = "best") -> Path:
 
 
 def evaluate_run(run_dir: str | Path, *, part: str = "test", checkpoint: str = "best",
-                 save_predictions: bool = False, progress: bool = True, batch_size: int = 32) -> dict:
-    """Evaluate a fine-tuning run on one part of its split; writes metrics files into the run folder."""
+                 save_predictions: bool = False, progress: bool = True, batch_size: int = 32,
+                 save_cases: Sequence[str] = ()) -> dict:
+    """Evaluate a fine-tuning run on one part of its split; writes metrics files into the run folder.
+
+    ``save_predictions`` writes every case's prediction to ``<run>/predictions/{CASE}.nii.gz``, ``save_cases``
+    only those cases' (e.g. the few an experiment report draws)."""
     from tqdm.auto import tqdm
 
     if part not in PARTS:
@@ -60,7 +64,7 @@ def evaluate_run(run_dir: str | Path, *, part: str = "test", checkpoint: str = "
         scores = volume_scores(pred, label.array, n_classes, image.spacing, axis=predictor.data.axis)
         per_case.append(scores)
         rows.append(per_case_rows(case_id, scores, predictor.class_names))
-        if save_predictions:
+        if save_predictions or case_id in save_cases:
             save_like(pred, image, pred_dir / f"{case_id}.nii.gz")
     summary = aggregate(per_case, predictor.class_names)
     summary.update({"part": part, "checkpoint": str(ckpt), "cases": list(case_ids),
@@ -71,7 +75,7 @@ def evaluate_run(run_dir: str | Path, *, part: str = "test", checkpoint: str = "
                         "hd95_mean": "symmetric 95th-percentile Hausdorff distance in mm"}})
     suffix = "" if part == "test" else f"_{part}"
     write_json(run.path / f"metrics{suffix}.json", summary)
-    write_text(run.path / f"per_case{suffix}.csv", _csv(rows))
+    write_csv(run.path / f"per_case{suffix}.csv", rows)
     _append_summary(run.path, summary, checkpoint)
     return summary
 
@@ -95,30 +99,6 @@ def _append_summary(run_path: Path, summary: dict, checkpoint: str) -> None:
     write_text(path, head + "\n".join(lines) + "\n")
 
 
-def _csv(rows: list[dict]) -> str:
-    buf = io.StringIO()
-    if rows:
-        writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return buf.getvalue()
-
-
-def _inputs(path: Path) -> list[tuple[str, Path, str]]:
-    """(case id, path, kind) for a NIfTI file, a DICOM folder, an HDF5 file or a dataset folder."""
-    if path.is_file():
-        kind = guess_kind(path)
-        name = path.name
-        for ext in (".nii.gz", ".nii", ".h5", ".hdf5"):
-            if name.endswith(ext):
-                name = name[: -len(ext)]
-        return [(name, path, kind)]
-    if not path.exists():
-        raise DataError(f"input not found: {path}")
-    info = open_dataset(path)
-    return [(c.case_id, c.images[0], c.kind) for c in info.cases]
-
-
 def predict_files(checkpoint: str | Path, inputs: str | Path, output_dir: str | Path, *,
                   cases: list[str] | None = None, progress: bool = True, batch_size: int = 32,
                   predictor: Predictor | None = None) -> list[Path]:
@@ -126,21 +106,21 @@ def predict_files(checkpoint: str | Path, inputs: str | Path, output_dir: str | 
     from tqdm.auto import tqdm
 
     predictor = predictor or load_predictor(checkpoint, batch_size=batch_size)
-    items = _inputs(Path(inputs).expanduser())
+    items = list(find_volumes(inputs, "image").values())  # a file, a dataset or a folder of NIfTI files
     if cases:
-        unknown = sorted(set(cases) - {c for c, _, _ in items})
+        unknown = sorted(set(cases) - {it.case_id for it in items})
         if unknown:
             raise DataError(f"{inputs}: cases not found: {', '.join(unknown[:5])}")
-        items = [it for it in items if it[0] in set(cases)]
+        items = [it for it in items if it.case_id in set(cases)]
     if not items:
         raise DataError(f"{inputs}: no images to predict")
     out_dir = Path(output_dir).expanduser()
     written = []
-    for case_id, path, kind in tqdm(items, desc="predict", unit="case", disable=None if progress else True):
-        image = read_volume(path, kind=kind, role="image")
+    for item in tqdm(items, desc="predict", unit="case", disable=None if progress else True):
+        image = read_item(item, "image")
         pred = predictor.predict_volume(image)
-        written.append(save_like(pred, image, out_dir / f"{case_id}.nii.gz"))
+        written.append(save_like(pred, image, out_dir / f"{item.case_id}.nii.gz"))
     manifest = {"checkpoint": str(checkpoint), "labels": predictor.class_names,
                 "cases": [p.name for p in written]}
-    atomic_write(out_dir / "predictions.json", lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1)))
+    write_json(out_dir / "predictions.json", manifest)
     return written

@@ -1,6 +1,13 @@
-"""Self-supervised pretraining methods. Importing this package registers every method."""
+"""Self-supervised pretraining methods. Importing this package imports every module in it, and so registers every
+method: a new method is a new file here with ``@register_method(name)`` (docs/extending.md)."""
 
-from medssl.methods import gcl, gcl_full, kaf, pcl, polycl, simclr  # noqa: F401  (registration)
+import importlib
+import pkgutil
+
 from medssl.methods.registry import available_methods, build_method, register_method
+
+for _module in pkgutil.iter_modules(__path__):
+    if not _module.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = ["available_methods", "build_method", "register_method"]

@@ -63,7 +63,7 @@ class CollapseMonitor:
         if self.run >= self.patience:
             raise TrainingError(f"{what}; stopped. Its features would not help fine-tuning. Likely causes: "
                                 "positives the images cannot tell apart (PCL on thick or few slices: lower "
-                                "pretrain.pcl_theta), too strong intensity views, or a learning rate too high")
+                                "pretrain.pcl.theta), too strong intensity views, or a learning rate too high")
         if self.run >= max(1, self.patience // 4) and not self.warned:
             self.warned = True
             warnings.warn(what + f"; the run stops if it lasts {self.patience} steps", stacklevel=2)

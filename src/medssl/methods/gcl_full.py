@@ -1,11 +1,11 @@
 """GCL-full ("GLCL-full"): Chaitanya et al.'s global stage, then the local (decoder-level) stage.
 
-Stage 1 (the first ``1 - pretrain.gcl_local_fraction`` of the steps) is exactly :class:`GCL`: the
+Stage 1 (the first ``1 - pretrain.gcl.local_fraction`` of the steps) is exactly :class:`GCL`: the
 global partition loss on the encoder. Stage 2 freezes the encoder (no gradients, BatchNorm in eval
-mode) and trains the first ``pretrain.gcl_local_blocks`` decoder stages plus a small head g2 (1x1 conv
+mode) and trains the first ``pretrain.gcl.local_blocks`` decoder stages plus a small head g2 (1x1 conv
 without bias -> BN -> ReLU -> 1x1 conv) with the local loss (strategy L^R): two *intensity-only*
 views of the same slice (brightness/contrast, so region u of one view is region u of the other),
-``gcl_local_regions`` K x K regions at fixed positions, the ``gcl_local_neg`` nearest regions of both
+``pretrain.gcl.local_regions`` K x K regions at fixed positions, the ``local_neg`` nearest regions of both
 views as negatives, tau = ``pretrain.tau``.
 
 Transfer: the checkpoint's meta lists ``transfer_decoder_stages``; ``medssl finetune --init`` then
@@ -26,13 +26,14 @@ from medssl.methods.registry import register_method
 
 @register_method("gcl-full")
 class GCLFull(GCL):
+    options_section = "gcl"  # GCL's options: the global stage's and the local_* keys
     uses_decoder = True
     ddp_find_unused = True  # stage 1 leaves the decoder unused, stage 2 the encoder and the global head
 
     def __init__(self, encoder, cfg, aug, decoder: nn.Module):
         super().__init__(encoder, cfg, aug)
         self.decoder = decoder  # the segmentation model's decoder; only the first stages are trained
-        self.n_blocks = cfg.gcl_local_blocks
+        self.n_blocks = self.opts.local_blocks
         c = encoder.out_channels[-1 - self.n_blocks]  # stage k outputs the channels of skip 4-k
         self.g2 = nn.Sequential(nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True),
                                 nn.Conv2d(c, c, 1))
@@ -44,7 +45,7 @@ class GCLFull(GCL):
 
     @property
     def local_stage(self) -> bool:
-        return self.step >= round((1 - self.cfg.gcl_local_fraction) * self.total)
+        return self.step >= round((1 - self.opts.local_fraction) * self.total)
 
     def _decode(self, feats: list[torch.Tensor]) -> torch.Tensor:
         *skips, x = feats
@@ -68,6 +69,6 @@ class GCLFull(GCL):
         with torch.no_grad():
             f1, f2 = self.encoder(self._intensity_view(x, generator)), self.encoder(self._intensity_view(x, generator))
         d1, d2 = self.g2(self._decode(f1)), self.g2(self._decode(f2))
-        loss = gcl_local_loss(d1.float(), d2.float(), region_size=self.cfg.gcl_local_region_size,
-                              n_regions=self.cfg.gcl_local_regions, n_neg=self.cfg.gcl_local_neg, tau=self.cfg.tau)
+        loss = gcl_local_loss(d1.float(), d2.float(), region_size=self.opts.local_region_size,
+                              n_regions=self.opts.local_regions, n_neg=self.opts.local_neg, tau=self.cfg.tau)
         return loss, {"stage": 2.0}

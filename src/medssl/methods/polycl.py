@@ -15,19 +15,23 @@ step (``online``) or fixed per anchor (``offline_fixed``, as the released code).
 every image the encoder sees is one fixed-size window (the smallest content side among the pretraining
 slices) at a random position inside the slice's content, resized to the canvas: slices of the same scan
 would otherwise share their padding and frame, which tells "same scan" apart without looking at anatomy.
-Loss: single-negative cosine InfoNCE with tau = 1 / batch size by default.
+Loss: single-negative cosine InfoNCE with tau = 1 / batch size by default. Options: :class:`PolyCLOptions`
+(``pretrain.polycl``, shared by the three variants).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Any
+
 import numpy as np
 import torch
 
-from medssl.config import AugConfig, PretrainConfig
+from medssl.config import AugConfig, PretrainConfig, check_choice
 from medssl.data.cache import SliceCache
 from medssl.data.augment import make_generator
 from medssl.data.views import content_windows
-from medssl.errors import DataError
+from medssl.errors import ConfigError, DataError
 from medssl.methods.collapse import spread
 from medssl.methods.losses import polycl_infonce
 from medssl.methods.registry import PretrainMethod, register_method
@@ -41,27 +45,46 @@ def slab_mask(slice_idx: np.ndarray, n_slices: np.ndarray, fraction: float) -> n
     return (slice_idx >= lo) & (slice_idx < np.maximum(hi, lo + 1))
 
 
+@dataclass
+class PolyCLOptions:
+    """``pretrain.polycl``: options of polycl-s, polycl-o and polycl-m."""
+
+    tau: Any = "inverse_batch"  # a positive float, or "inverse_batch" (1 / batch size, as released)
+    slab_fraction: float = 0.3  # only the central fraction of each scan's slices is used
+    target_labels: list[int] = field(default_factory=list)  # polycl-o/m organ flag T: these labels (empty = any)
+    m_negative_scope: str = "same_scan"  # polycl-m negative: "same_scan" (paper figure) or "other_scan" (code)
+    triplets: str = "online"  # "online" (fresh each epoch) or "offline_fixed" (one fixed triplet per anchor)
+
+    def __post_init__(self) -> None:
+        check_choice("pretrain.polycl.m_negative_scope", self.m_negative_scope, ("same_scan", "other_scan"))
+        check_choice("pretrain.polycl.triplets", self.triplets, ("online", "offline_fixed"))
+        if not 0 < self.slab_fraction <= 1:
+            raise ConfigError("config key 'pretrain.polycl.slab_fraction' must lie in (0, 1]")
+        if self.tau != "inverse_batch" and not (isinstance(self.tau, (int, float)) and not isinstance(self.tau, bool)
+                                                and self.tau > 0):
+            raise ConfigError(f"config key 'pretrain.polycl.tau' must be a positive number or 'inverse_batch', "
+                              f"got {self.tau!r}")
+
+
 class _PolyCL(PretrainMethod):
-    uses_target = True
+    options_cls = PolyCLOptions
+    options_section = "polycl"
+    needs_labels = True  # polycl-o/m: slice-level organ flags T from the labels of the pretraining cases
+    labels_use = "slice-level organ flags"
 
     def __init__(self, encoder, cfg: PretrainConfig, aug: AugConfig):
         super().__init__(encoder, cfg, aug)
         self.head = PolyCLProjectionHead(encoder.out_channels[-1], encoder.out_channels[-1])
         self.cache: SliceCache | None = None
-        self.counts: dict = {}
 
     # ------------------------------------------------------------------ example selection
     def select_rows(self, cache: SliceCache, rows: np.ndarray) -> np.ndarray:
         """Keep slab anchors that have a valid positive and negative; remember the candidate pools."""
         rows = np.asarray(rows)
-        slab = rows[slab_mask(cache.slice_idx[rows], cache.n_slices[rows], self.cfg.slab_fraction)]
-        if self.uses_target:
-            unlabelled = sorted({c for c in cache.case_ids[slab][~cache.labelled[slab]]})
-            if unlabelled:
-                raise DataError(f"pretrain.method={self.name} needs slice-level organ flags from the labels of the "
-                                f"pretraining cases; these have no label: {', '.join(unlabelled[:5])}"
-                                + (" ..." if len(unlabelled) > 5 else "") + " (use polycl-s, which needs none)")
-            cols = [c for c in (self.cfg.target_labels or range(1, cache.n_classes))]
+        slab = rows[slab_mask(cache.slice_idx[rows], cache.n_slices[rows], self.opts.slab_fraction)]
+        if self.needs_labels:
+            self.check_labels(cache, slab)  # the engine checks it before; select_rows may be called directly
+            cols = [c for c in (self.opts.target_labels or range(1, cache.n_classes))]
             target = cache.present[slab][:, cols].any(1)
         else:
             target = np.zeros(len(slab), bool)
@@ -85,7 +108,8 @@ class _PolyCL(PretrainMethod):
             t1 = int(target.sum())
             raise DataError(f"pretrain.method={self.name}: no anchor slice has a valid positive and negative "
                             f"({len(slab)} slab slices of {len(scans)} scans, {t1} with the target, "
-                            f"{len(slab) - t1} without); widen pretrain.slab_fraction or change pretrain.target_labels")
+                            f"{len(slab) - t1} without); widen pretrain.polycl.slab_fraction or change "
+                            "pretrain.polycl.target_labels")
         return slab[valid]
 
     def _candidates(self, i: int) -> tuple[np.ndarray, np.ndarray]:
@@ -99,7 +123,7 @@ class _PolyCL(PretrainMethod):
         pos_rows, neg_rows = [], []
         for r in rows:
             i = self.pos_of_row[int(r)]
-            gi = make_generator(int(r) * 7919 + 13) if self.cfg.triplets == "offline_fixed" else g
+            gi = make_generator(int(r) * 7919 + 13) if self.opts.triplets == "offline_fixed" else g
             pos, neg = self._candidates(i)
             pos = pos[pos != i]
             u = torch.rand(2, generator=gi, device=gi.device).tolist()
@@ -112,10 +136,7 @@ class _PolyCL(PretrainMethod):
         return self.head(self.encoder(x)[-1])
 
     def _images(self, rows: list[int], device) -> torch.Tensor:
-        order = np.argsort(rows)  # memmap reads in ascending order
-        imgs = np.empty((len(rows),) + self.cache.images.shape[1:], np.float32)
-        imgs[order] = self.cache.images[np.asarray(rows)[order]]
-        return torch.from_numpy(imgs)[:, None].to(device)
+        return torch.from_numpy(self.cache.read_images(rows))[:, None].to(device)
 
     def triplets(self, x: torch.Tensor, rows: list[int], generator: torch.Generator) -> torch.Tensor:
         """Anchors ``x`` (B, 1, H, W) of cache ``rows`` -> (3B, 1, H, W): anchors, positives, negatives, each
@@ -130,7 +151,7 @@ class _PolyCL(PretrainMethod):
         # one encoder pass for all three: PolyCL's InstanceNorm couples nothing across the batch
         z = self.embed(self.triplets(x, batch["row"].tolist(), generator)).float()
         a, p, n = z.chunk(3)
-        loss = polycl_infonce(a, p, n, self.cfg.polycl_tau)
+        loss = polycl_infonce(a, p, n, self.opts.tau)
         with torch.no_grad():
             logs = {"cos_pos": float(torch.cosine_similarity(a, p).mean()),
                     "cos_neg": float(torch.cosine_similarity(a, n).mean()), **spread(z)}
@@ -139,7 +160,7 @@ class _PolyCL(PretrainMethod):
 
 @register_method("polycl-s")
 class PolyCLS(_PolyCL):
-    uses_target = False
+    needs_labels = False
 
     def _candidates(self, i):
         return self.by_scan[self.scan[i]], np.flatnonzero(self.scan_code != self.scan_code[i])
@@ -156,7 +177,7 @@ class PolyCLO(_PolyCL):
 class PolyCLM(_PolyCL):
     def _candidates(self, i):
         s, t = self.scan[i], int(self.target[i])
-        if self.cfg.m_negative_scope == "same_scan":
+        if self.opts.m_negative_scope == "same_scan":
             neg = self.pools[(s, 1 - t)]
         else:
             neg = np.flatnonzero((self.scan_code != self.scan_code[i]) & (self.target != t))

@@ -62,7 +62,7 @@ class PositionGate:
         rows = np.asarray(rows)
         sample = rows if len(rows) <= MAX_SLICES else np.sort(
             np.random.default_rng(0).choice(rows, MAX_SLICES, replace=False))
-        self.position_r2 = position_r2(cache.images[sample], cache.rel_pos[sample])
+        self.position_r2 = position_r2(cache.read_images(sample), cache.rel_pos[sample])
         ids = {c: i for i, c in enumerate(sorted(set(cache.case_ids[rows])))}
         self.scan_of_row = {int(r): ids[cache.case_ids[r]] for r in rows}
         floor = float(self.cfg.position_r2_min)

@@ -1,5 +1,5 @@
 """SimCLR (Chen et al., ICML 2020) as in the PCL/KAF code: two augmented views of the same slice,
-the PCL-style projection head, SupCon with the other-view mask (= (tau/base_tau) NT-Xent), baselines.md §1.
+the PCL-style projection head, SupCon with the other-view mask (= (tau/base_tau) NT-Xent), docs/methods.md#simclr.
 
 Views (``pretrain.view_aug``): by default the project's grayscale views (``pretrain.views``, see
 ``medssl.data.views``: random resized crop, flips, rotation, brightness/contrast, gamma, noise, blur);

@@ -1,11 +1,11 @@
-"""The PolyCL UNet (polycl.md §5-6): a 5-level ``double_conv`` encoder and a bilinear-upsampling decoder.
+"""The PolyCL UNet (docs/methods.md#polycl-unet): a 5-level ``double_conv`` encoder and a bilinear-upsampling decoder.
 
 Same layout as every backbone of the project (see :mod:`medssl.models.unet`): a :class:`SegmentationModel` with
 ``.encoder`` (returns ``[l1, l2, l3, l4, l5]``, attribute ``out_channels``), ``.decoder`` and ``.head``, so that
 :func:`~medssl.models.unet.load_encoder` transfers a pretrained PolyCL encoder.
 
-Sizes for ``features=16``, one input channel: encoder 1,178,480 parameters (spec: 1.178M), projection head
-65,792 (1.244M together), decoder 783,840 (spec: 0.784M), the whole UNet with a 16->1 head 1,962,337 (spec: 1.96M).
+Sizes for ``features=16``, one input channel: encoder 1,178,480 parameters (paper: 1.178M), projection head
+65,792 (1.244M together), decoder 783,840 (paper: 0.784M), the whole UNet with a 16->1 head 1,962,337 (paper: 1.96M).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ LEVELS = 5
 
 class DoubleConv(nn.Sequential):
     """PolyCL ``double_conv``: 2x [Conv3x3 (pad 1, bias) -> InstanceNorm2d(out, affine=False) -> LeakyReLU(0.2)]
-    then element-wise ``nn.Dropout(p)`` (not Dropout2d; polycl.md §5 marks that detail unverified).
+    then element-wise ``nn.Dropout(p)`` (not Dropout2d; which one the original used could not be checked).
 
     The reference builds the second InstanceNorm with ``in`` channels; harmless with affine=False, we use ``out``.
     """
@@ -101,7 +101,7 @@ class _UpStage(nn.Module):
 
 
 class PolyCLDecoder(UNetDecoder):
-    """Four bilinear up-stages (16f+8f -> 8f), (8f+4f -> 4f), (4f+2f -> 2f), (2f+f -> f) (polycl.md §6).
+    """Four bilinear up-stages (16f+8f -> 8f), (8f+4f -> 4f), (4f+2f -> 2f), (2f+f -> f) (docs/methods.md#polycl-unet).
 
     The upsampling has no parameters, so the channel count is not halved before the concat (the standard
     "bilinear UNet": 256+128 -> 128, ... for f=16). The stages reuse ``double_conv``, dropout included.

@@ -71,6 +71,6 @@ def _polycl_unet(*, in_channels: int, n_classes: int, features: int = 16, dropou
 
 @register_backbone("kaf-unet")
 def _kaf_unet(*, in_channels: int, n_classes: int, features: int = 32, **options: Any) -> SegmentationModel:
-    """KAF-UNet (kaf.md §2); options: kaf_scales, kaf_dim, kaf_heads, kaf_layers, kaf_norm, kaf_sampler,
+    """KAF-UNet (docs/kaf.md#kaf-unet); options: kaf_scales, kaf_dim, kaf_heads, kaf_layers, kaf_norm, kaf_sampler,
     kaf_collision, max_keypoints, sift_upsample, dedupe_keypoints (see docs/kaf.md)."""
     return build_kaf_unet(in_channels=in_channels, n_classes=n_classes, features=features, **options)

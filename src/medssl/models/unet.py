@@ -1,4 +1,4 @@
-"""The 2D PCL UNet ("UNet(c1)", kaf.md §2.1-2.2, baselines.md §0) and encoder transfer helpers.
+"""The 2D PCL UNet ("UNet(c1)", docs/methods.md#backbones) and encoder transfer helpers.
 
 Layout shared by every backbone of the project: a :class:`SegmentationModel` holds ``.encoder``
 (``forward(x) -> [skip_1, ..., skip_4, centre]``, attribute ``out_channels``), ``.decoder``
@@ -143,7 +143,19 @@ class UNetDecoder(nn.Module):
 
 
 class SegmentationModel(nn.Module):
-    """encoder -> decoder -> head (Conv1x1, no bias); ``forward(x)`` gives logits (B, n_classes, H, W)."""
+    """encoder -> decoder -> head (Conv1x1, no bias); ``forward(x)`` gives logits (B, n_classes, H, W).
+
+    A backbone needing more than the image overrides the fine-tuning hook :meth:`prepare_batch` (kaf-unet)."""
+
+    ddp_find_unused = False  # True: a step may leave parameters unused (multi-GPU DDP must look for them)
+    canvas_batches = False  # True: prepare_batch needs whole canvases (no train.patch_size patches)
+
+    def prepare_batch(self, batch: dict, image: Tensor, label: Tensor, augment, generator, cache):
+        """Fine-tuning hook: augment a batch -> ``(image, label, keyword arguments for forward)``. Default: the
+        augmentation pipeline ``augment`` (None = off) on image and label, no extra keywords."""
+        if augment is not None:
+            image, label = augment(image, label, generator)
+        return image, label, {}
 
     def __init__(self, encoder: nn.Module, decoder: nn.Module, head: nn.Module) -> None:
         super().__init__()

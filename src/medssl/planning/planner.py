@@ -229,21 +229,16 @@ def render(planned: Planned, fp: Fingerprint, budget: str, hours: float | None) 
 def write_plan(data: str | Path, output: str | Path, *, budget: str = "cpu", hours: float | None = None,
                modality: str | None = None, progress: bool = True, base: str = "generic") -> tuple[Path, Planned]:
     """Fingerprint ``data``, plan, and write the YAML (and ``<output>.fingerprint.json``) atomically."""
-    import json
-
+    from medssl.data.atomic import atomic_path, write_json
     from medssl.data.fingerprint import extract_fingerprint
-    from medssl.data.volume import atomic_write
 
     fp = extract_fingerprint(data, modality=modality, progress=progress)
     planned = plan(fp, budget=budget, hours=hours, data_path=str(data), base=base)
     text = render(planned, fp, budget, hours)
     out = Path(output)
 
-    def write_checked(tmp):
-        Path(tmp).write_text(text)
+    with atomic_path(out) as tmp:
+        tmp.write_text(text)
         load_config(tmp)  # the plan must load as a config, or nothing is written
-
-    atomic_write(out, write_checked)
-    atomic_write(out.with_name(out.name + ".fingerprint.json"),
-                 lambda tmp: Path(tmp).write_text(json.dumps(fp.to_dict(), indent=1)))
+    write_json(out.with_name(out.name + ".fingerprint.json"), fp.to_dict())
     return out, planned

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import bootstrap, wilcoxon
 
+from medssl.data.atomic import atomic_path
+
 
 def _mean_sd(values: list[float]) -> str:
     if not values:
@@ -167,10 +169,11 @@ def save_plot(rows: list[dict], path: str | Path, key: str = "dice_mean", refere
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = Path(path).with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=100)
+    finally:
+        plt.close(fig)
     return Path(path)
 
 

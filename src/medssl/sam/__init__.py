@@ -1,4 +1,4 @@
-"""SAM-family promptable segmentation: medssl's own LiteMedSAM network and backends (``sam.md``).
+"""SAM-family promptable segmentation: medssl's own LiteMedSAM network and backends (docs/sam.md).
 
 Entry point: :func:`medssl.sam.segmenter.build_segmenter` → a :class:`~medssl.sam.segmenter.Segmenter`
 (``set_image`` + box ``predict``). Backends load lazily (torch models only when built).

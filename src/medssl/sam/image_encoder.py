@@ -1,4 +1,4 @@
-"""TinyViT image encoder in LiteMedSAM's configuration (``sam.md`` §1.2).
+"""TinyViT image encoder in LiteMedSAM's configuration (docs/sam.md#architecture).
 
 medssl's own implementation (no timm): TinyViT (Wu et al., ECCV 2022) as modified by MobileSAM /
 LiteMedSAM — a 1×1 stride-1 patch embedding (no downsampling), an MBConv stage at 256×256, three

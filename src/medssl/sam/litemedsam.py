@@ -1,4 +1,4 @@
-"""The LiteMedSAM network (``sam.md`` §1): TinyViT encoder + SAM prompt encoder + SAM mask decoder.
+"""The LiteMedSAM network (docs/sam.md#architecture): TinyViT encoder + SAM prompt encoder + SAM mask decoder.
 
 ``build_litemedsam()`` gives the architecture; ``load_litemedsam()`` loads the published weights
 with ``strict=True`` (keys ``image_encoder.*``, ``prompt_encoder.*``, ``mask_decoder.*``). The

@@ -1,4 +1,4 @@
-"""SAM mask decoder in LiteMedSAM's configuration (``sam.md`` §1.2).
+"""SAM mask decoder in LiteMedSAM's configuration (docs/sam.md#architecture).
 
 medssl's own implementation of the SAM design (Apache-2.0 upstream); parameter names match the
 LiteMedSAM state dict. Output: mask logits at 4× the embedding resolution (256×256 for LiteMedSAM)

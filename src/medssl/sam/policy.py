@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from monai.metrics import compute_dice
 
-from medssl.errors import ConfigError, DataError
+from medssl.errors import ConfigError
 
 from medssl.sam.policy_names import (  # noqa: F401  (re-exported)
     DEFAULT_CANDIDATES, KEEP, POLICY_MODES, RULE, RULES, Policy, candidates_of, check_policy_options, parse_policy)
@@ -109,7 +109,7 @@ def choose_policies(pred_source, image_source, label_source, *, cfg, data, segme
     """
     from tqdm.auto import tqdm
 
-    from medssl.sam.inputs import read_item
+    from medssl.data.discover import read_item
 
     if label_source is None:
         raise ConfigError("refine policy 'auto' needs labels for its validation cases")
@@ -164,46 +164,13 @@ def auto_config(cfg, validation: tuple, data, segmenter, job, progress: bool = F
     return dataclasses.replace(cfg, policy="fixed", class_policies={**unseen, **chosen["class_policies"]}), chosen
 
 
-def run_validation(run_dir, out_dir, *, checkpoint: str = "best", progress: bool = False) -> tuple[Path, str, str]:
-    """Predict a fine-tuning run's validation cases with its model into ``out_dir``.
-
-    Returns the ``validation`` triple for :func:`medssl.sam.refine_folder.refine_predictions` (coarse, images, labels).
-    A run without validation cases, or without labels for them, is a one-line ConfigError naming the run.
-    """
-    from medssl.data.splits import load_split
-    from medssl.engine.runs import RunDir
-    from medssl.evaluation.evaluate import predict_files, run_checkpoint
-    from medssl.sam.inputs import collect
-
-    run = RunDir(run_dir)
-    val = sorted(load_split(run.path / "splits.json").val or [])
-    if not val:
-        raise ConfigError(f"{run.path}: refine policy 'auto' chooses on the run's validation patients, "
-                          "but its splits.json lists none")
-    saved = run.saved_config()
-    try:
-        labels = collect(saved.data.path, "label")
-    except DataError:
-        labels = {}
-    missing = [c for c in val if c not in labels]
-    if missing:
-        raise ConfigError(f"{run.path}: refine policy 'auto' needs labels for the validation cases; "
-                          f"{len(missing)} of {len(val)} have none ({', '.join(missing[:3])})")
-    out = Path(out_dir).expanduser()
-    for stale in out.glob("*.nii.gz") if out.is_dir() else []:
-        if stale.name[:-len(".nii.gz")] not in val:
-            stale.unlink()
-    predict_files(run_checkpoint(run.path, checkpoint), saved.data.path, out, cases=val, progress=progress)
-    return out, saved.data.path, saved.data.path
-
-
 # ----------------------------------------------------------------------------------------- records
 def write_policy(out: Path, result: dict, chosen: dict) -> None:
-    from medssl.data.volume import atomic_write
+    from medssl.data.atomic import write_text
 
     result["policy"] = chosen
     text = policy_markdown(chosen, result.get("per_class")) + "\n"
-    atomic_write(Path(out) / "refine_policy.md", lambda tmp: Path(tmp).write_text(text))
+    write_text(Path(out) / "refine_policy.md", text)
 
 
 def policy_markdown(chosen: dict, per_class: dict | None = None) -> str:

@@ -1,6 +1,6 @@
 """LiteMedSAM predictor: the :class:`~medssl.sam.segmenter.Segmenter` for the ``litemedsam`` backend.
 
-Pre/post-processing follows the upstream LiteMedSAM convention (``sam.md`` §1.3):
+Pre/post-processing follows the upstream LiteMedSAM convention (docs/sam.md#preprocessing):
 
 1. intensities → uint8 [0, 255]: ``"ct"`` window clip, ``"mr"`` non-zero percentiles (zeros kept at
    0), or ``"minmax"`` (slice min–max; for slices that are already normalised);
@@ -54,7 +54,7 @@ def ras_boxes_to_display(boxes: np.ndarray, shape: tuple[int, int]) -> np.ndarra
 
 def to_uint8(image: np.ndarray, intensity: str = "minmax", *, ct_window: tuple[float, float] = (-160.0, 240.0),
              mr_percentiles: tuple[float, float] = (0.5, 99.5)) -> np.ndarray:
-    """MedSAM intensity preprocessing of one 2D slice to uint8 [0, 255] (``sam.md`` §1.3)."""
+    """MedSAM intensity preprocessing of one 2D slice to uint8 [0, 255] (docs/sam.md#preprocessing)."""
     x = np.asarray(image, dtype=np.float32)
     if intensity == "ct":
         lo, hi = (float(v) for v in ct_window)

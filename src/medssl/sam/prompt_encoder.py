@@ -1,4 +1,4 @@
-"""SAM prompt encoder (box / point / mask prompts) in LiteMedSAM's configuration (``sam.md`` §1.2).
+"""SAM prompt encoder (box / point / mask prompts) in LiteMedSAM's configuration (docs/sam.md#architecture).
 
 medssl's own implementation of the SAM design (Kirillov et al., ICCV 2023; Apache-2.0 upstream);
 parameter names match the LiteMedSAM state dict. Coordinates are in the model input frame

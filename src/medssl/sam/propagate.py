@@ -1,6 +1,8 @@
 """``medssl propagate``: a 3D label map from one annotated slice.
 
-Backends (``PropagateConfig.backend``):
+Backends (``PropagateConfig.backend``; :func:`propagation_backends`): every segmenter backend of
+:mod:`medssl.sam.segmenter` (its registry is the one list of them) propagates by the box chain; ``hybrid``,
+``register`` and ``sam2`` (the video predictor) are propagations of their own (:func:`register_propagator`).
 
 * ``"litemedsam"`` (default, offline) -- the MedSAM 3D box chain, **a stand-in for SAM 2**
   (:mod:`medssl.sam.chain`): the annotated slice k is kept as given; then the walk goes k+1 .. Z-1 and
@@ -37,8 +39,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -49,14 +50,12 @@ from medssl.errors import ConfigError, DataError
 from medssl.sam.chain import box_chain, replay_chain  # noqa: F401  (re-exported)
 from medssl.sam.register import combine  # noqa: F401  (re-exported)
 from medssl.sam.prop_baselines import baselines, choose_copy_window  # noqa: F401  (re-exported)
+from medssl.sam.segmenter import build_segmenter, sam_backends
 
-BACKENDS = ("litemedsam", "hybrid", "register", "sam2")
 KEY_RULES = ("largest", "middle")
 ON_EMPTY = ("stop", "key_box")
 ON_DISAGREE = ("register", "stop")
-NOTES = {"litemedsam": "LiteMedSAM box chain: a stand-in for SAM 2", "sam2": "SAM 2 video predictor",
-         "register": "registration propagation (Farneback optical flow, no model)",
-         "hybrid": "LiteMedSAM chain prompted with registered masks"}
+CHAIN_NOTES = {"litemedsam": "LiteMedSAM box chain: a stand-in for SAM 2"}  # else "<backend> box chain"
 
 
 @dataclass
@@ -87,7 +86,8 @@ class PropagateConfig:
     dense_prompt: bool = False  # also give SAM the registered (hybrid) / previous mask as a dense prompt
 
     def validate(self) -> None:
-        for key, value, allowed in (("backend", self.backend, BACKENDS), ("key_slice", self.key_slice, KEY_RULES),
+        for key, value, allowed in (("backend", self.backend, tuple(propagation_backends())),
+                                    ("key_slice", self.key_slice, KEY_RULES),
                                     ("on_empty", self.on_empty, ON_EMPTY),
                                     ("on_disagree", self.on_disagree, ON_DISAGREE),
                                     ("key_output", self.key_output, ("annotation", "sam"))):
@@ -114,8 +114,9 @@ class PropagateConfig:
             raise ConfigError("propagate options 'reg_max_fold' and 'hybrid_min_dice' must lie in [0, 1]")
         if self.reg_max_steps is not None and self.reg_max_steps < 0:
             raise ConfigError(f"propagate option 'reg_max_steps' must be >= 0, got {self.reg_max_steps}")
-        if self.dense_prompt and self.backend in ("register", "sam2"):
-            raise ConfigError(f"propagate option 'dense_prompt' needs backend litemedsam or hybrid, "
+        if self.dense_prompt and self.backend in _PROPAGATORS and not _PROPAGATORS[self.backend][2]:
+            dense = [b for b in propagation_backends() if b not in _PROPAGATORS or _PROPAGATORS[b][2]]
+            raise ConfigError(f"propagate option 'dense_prompt' needs backend {' or '.join(dense)}, "
                               f"got {self.backend!r}")
 
 
@@ -195,27 +196,64 @@ def sam2_propagate(slices: np.ndarray, ann: Annotation, cfg: PropagateConfig, pr
     return combine(masks)
 
 
+# Propagation backends: every segmenter backend (medssl.sam.segmenter.register_sam_backend) propagates by the box
+# chain of medssl.sam.chain; the propagations below are their own: name -> (run, note, accepts dense_prompt), with
+# run(slices, ann, cfg, segmenter, predictor) -> (labels, info). "sam2" here is SAM 2's video predictor.
+_PROPAGATORS: dict[str, tuple[Callable, str, bool]] = {}
+
+
+def register_propagator(name: str, note: str, *, dense_prompt: bool = False) -> Callable[[Callable], Callable]:
+    """Decorator registering a propagation of its own (not the box chain of a segmenter backend) as ``name``."""
+
+    def decorator(run: Callable) -> Callable:
+        _PROPAGATORS[name] = (run, note, dense_prompt)
+        return run
+
+    return decorator
+
+
+def propagation_backends() -> list[str]:
+    """``PropagateConfig.backend`` choices: the segmenter backends (box chain) and the registered propagations."""
+    return sorted(set(sam_backends()) | set(_PROPAGATORS))
+
+
+def _segmenter(name: str, cfg: PropagateConfig, segmenter):
+    return segmenter if segmenter is not None else build_segmenter(name, checkpoint=cfg.checkpoint,
+                                                                     device=cfg.device)
+
+
+@register_propagator("hybrid", "LiteMedSAM chain prompted with registered masks", dense_prompt=True)
+def _hybrid(slices, ann, cfg, segmenter, predictor):
+    return box_chain(slices, ann, _segmenter("litemedsam", cfg, segmenter), cfg)
+
+
+@register_propagator("register", "registration propagation (Farneback optical flow, no model)")
+def _register(slices, ann, cfg, segmenter, predictor):
+    from medssl.sam.register import register_chain
+
+    return register_chain(slices, ann, cfg)
+
+
+@register_propagator("sam2", "SAM 2 video predictor")
+def _sam2_video(slices, ann, cfg, segmenter, predictor):
+    return sam2_propagate(slices, ann, cfg, predictor), {}
+
+
 def propagate_volume(image: np.ndarray, ann: Annotation, cfg: PropagateConfig, segmenter=None,
                      predictor=None) -> tuple[np.ndarray, dict]:
     """Propagate an annotation through a canonical, intensity-normalised image -> (canonical labels, info)."""
     cfg.validate()
     slices = np.ascontiguousarray(volume_slices(image, ann.axis))
     t0 = time.perf_counter()
-    if cfg.backend == "sam2":
-        labels, info = sam2_propagate(slices, ann, cfg, predictor), {}
-    elif cfg.backend == "register":
-        from medssl.sam.register import register_chain
-
-        labels, info = register_chain(slices, ann, cfg)
-    else:
-        if segmenter is None:
-            from medssl.sam.segmenter import build_segmenter
-
-            segmenter = build_segmenter("litemedsam", checkpoint=cfg.checkpoint, device=cfg.device)
-        labels, info = box_chain(slices, ann, segmenter, cfg)
+    if cfg.backend in _PROPAGATORS:
+        run, note, _ = _PROPAGATORS[cfg.backend]
+        labels, info = run(slices, ann, cfg, segmenter, predictor)
+    else:  # a segmenter backend: the box chain
+        labels, info = box_chain(slices, ann, _segmenter(cfg.backend, cfg, segmenter), cfg)
+        note = CHAIN_NOTES.get(cfg.backend, f"{cfg.backend} box chain")
     info["seconds"] = round(time.perf_counter() - t0, 2)
     info["key_slices"] = {c: k for c, (k, _) in ann.keys.items()}
-    info["note"] = NOTES[cfg.backend]
+    info["note"] = note
     return np.ascontiguousarray(stack_slices(labels, ann.axis)), info
 
 
@@ -248,83 +286,3 @@ def propagate_case(image: Volume, labels: np.ndarray, cfg: PropagateConfig, data
     info["metrics"] = evaluate(pred, labels if gt is None else gt, ann, image.spacing, cfg.copy_window)
     info["config"] = dataclasses.asdict(cfg)
     return pred, info
-
-
-def read_mask2d(path: str | Path) -> np.ndarray:
-    """A 2D integer mask from ``.npy`` or NIfTI (2D, or 3D with one singleton axis)."""
-    from medssl.data.readers import read_volume
-
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise DataError(f"{p}: mask file not found")
-    if p.suffix == ".npy":
-        try:
-            arr = np.load(p, allow_pickle=False)
-        except (ValueError, OSError) as exc:
-            raise DataError(f"{p}: cannot read .npy mask ({exc})") from None
-    else:
-        import nibabel as nib
-
-        try:
-            arr = np.asanyarray(nib.load(str(p)).dataobj)
-        except Exception as exc:  # nibabel raises many types for bad files
-            raise DataError(f"{p}: cannot read mask ({type(exc).__name__}: {exc})") from None
-        if arr.ndim >= 3:
-            arr = read_volume(p, role="label").array  # canonical orientation, like the image
-    arr = np.squeeze(arr) if arr.ndim > 2 else arr
-    if arr.ndim != 2:
-        raise DataError(f"{p}: expected a 2D mask, got shape {arr.shape}")
-    if not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == bool) and np.any(arr != np.round(arr)):
-        raise DataError(f"{p}: mask values must be integer class ids")
-    return arr.astype(np.int64)
-
-
-def run_propagate(image: str | Path, output: str | Path, options: dict, data: DataConfig, *,
-                  mask: str | None = None, slice_index: int | None = None, labels: str | None = None,
-                  key_index: int | None = None, gt: str | None = None, modality: str | None = None,
-                  segmenter=None, predictor=None) -> dict:
-    """``medssl propagate``: read and check everything, propagate, write ``output`` and ``<output>.json``."""
-    from medssl.data.readers import read_volume
-    from medssl.data.volume import save_like
-    from medssl.sam.inputs import check_pair, guess_modality, write_json
-    from medssl.sam.refine import sam_intensity
-
-    cfg = PropagateConfig(**options)
-    cfg.validate()
-    out = Path(output).expanduser()
-    if not out.name.endswith((".nii.gz", ".nii")):
-        raise ConfigError(f"{out}: the output must be a .nii.gz or .nii file")
-    if (mask is None) == (labels is None):
-        raise ConfigError("give either --mask FILE with --slice INDEX, or --labels VOLUME")
-    if mask is not None and slice_index is None:
-        raise ConfigError(f"{mask}: --mask needs --slice INDEX (the annotated slice)")
-    axis = data.axis if cfg.axis is None else cfg.axis
-    img = read_volume(image, kind="auto", role="image")
-    if mask is not None:
-        ann = annotation_from_slice(read_mask2d(mask), int(slice_index), img.shape, axis, cfg.label, str(mask))
-        lab_vol = None
-    else:
-        lab_vol = read_volume(labels, kind="auto", role="label")
-        check_pair(lab_vol, img, "label volume")
-        if key_index is not None:
-            if not 0 <= key_index < lab_vol.shape[axis]:
-                raise DataError(f"{labels}: slice index {key_index} is out of range 0..{lab_vol.shape[axis] - 1} "
-                                f"along axis {axis}")
-            ann = annotation_from_slice(volume_slices(lab_vol.array, axis)[key_index], key_index, img.shape, axis,
-                                        cfg.label, str(labels))
-        else:
-            ann = annotation_from_volume(lab_vol.array, cfg.key_slice, axis, cfg.label, str(labels))
-    truth = lab_vol
-    if gt is not None:
-        truth = read_volume(gt, kind="auto", role="label")
-        check_pair(truth, img, "ground truth")
-    mod = guess_modality(img, modality or data.modality)
-    pred, info = propagate_volume(sam_intensity(img.array, mod, data), ann, cfg, segmenter, predictor)
-    if truth is not None:
-        info["metrics"] = evaluate(pred, truth.array, ann, img.spacing, cfg.copy_window)
-    info.update({"image": str(image), "modality": mod, "axis": axis, "config": dataclasses.asdict(cfg),
-                 "annotation": str(mask or labels)})
-    dtype = np.uint8 if pred.max(initial=0) <= 255 else np.int16
-    save_like(pred, img, out, dtype=dtype)
-    write_json(out.parent / (out.name.rsplit(".nii", 1)[0] + ".json"), info)
-    return info

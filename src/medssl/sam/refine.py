@@ -1,4 +1,5 @@
-"""``medssl refine``: box-prompt refinement of coarse label maps with a SAM-family model (``polycl.md`` §8).
+"""``medssl refine``: box-prompt refinement of coarse label maps with a SAM-family model
+(docs/sam.md#box-prompt-refinement).
 
 Per slice (along the configured axis) and per class, a box is taken from the coarse mask -- one box per
 class (``box_mode="global"``) or one per 8-connected component (``"per_component"``), grown by ``box_pad``
@@ -20,12 +21,12 @@ Rules that always hold:
 * a class whose coarse mask is empty on a slice is never prompted and gets no pixel there, and a slice
   with no prompted class is returned bit-for-bit unchanged;
 * excluded classes (``exclude``; e.g. ring-shaped myocardium, for which a box prompt returns the filled
-  disc, ``sam.md`` §1.4) and classes too small to prompt keep their coarse pixels exactly; refined classes
+  disc, docs/sam.md#quality) and classes too small to prompt keep their coarse pixels exactly; refined classes
   never overwrite them;
 * overlaps between refined classes (``overlap``): ``"coarse"`` (default) -- where the pixel's coarse label
   is one of the claimants it keeps it, otherwise the claimant with the highest predicted IoU wins;
   ``"score"`` -- the highest predicted IoU wins; ``"order"`` -- the highest class id wins (painting in
-  label order, ``sam.md`` §1.3). Pixels no class claims become background.
+  label order). Pixels no class claims become background.
 
 Intensities for the segmenter: CT is clipped to ``data.ct_window`` and MRI to the volume's
 ``data.mri_percentiles`` (non-zero voxels) and scaled to [0, 1] (``medssl.data.intensity``, ``minmax``
@@ -45,11 +46,11 @@ import cv2
 import numpy as np
 
 from medssl.config import DataConfig
+from medssl.data.discover import VolumeItem, find_volumes, read_item
 from medssl.data.intensity import normalize
 from medssl.data.slicing import stack_slices, volume_slices
 from medssl.errors import ConfigError
-from medssl.sam.inputs import (VolumeItem, check_pair, class_names_for, collect, guess_modality, match_cases,
-                               read_item, write_metrics)
+from medssl.sam.inputs import check_pair, class_names_for, guess_modality, match_cases, write_metrics
 from medssl.sam.policy_names import check_policy_options, parse_policy
 from medssl.sam.segmenter import expand_box, mask_to_box
 
@@ -277,9 +278,9 @@ def plan_refinement(pred_source: str | Path, image_source: str | Path, label_sou
                     cfg: RefineConfig, data: DataConfig) -> RefineJob:
     """Pair and read every input once, checking geometry and options; raises before anything is written."""
     cfg.validate()
-    preds = collect(pred_source, "label")
-    images = collect(image_source, "image")
-    labels = collect(label_source, "label") if label_source is not None else None
+    preds = find_volumes(pred_source, "label")
+    images = find_volumes(image_source, "image")
+    labels = find_volumes(label_source, "label") if label_source is not None else None
     pairs = match_cases(preds, images, labels)
     present: set[int] = set()
     modalities: dict[str, str] = {}

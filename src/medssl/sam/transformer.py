@@ -1,4 +1,4 @@
-"""SAM's two-way transformer (tokens ↔ image embedding) used by the mask decoder (``sam.md`` §1.2).
+"""SAM's two-way transformer (tokens ↔ image embedding) used by the mask decoder (docs/sam.md#architecture).
 
 medssl's own implementation of the SAM design (Apache-2.0 upstream); parameter names match the
 LiteMedSAM state dict. Attention uses ``F.scaled_dot_product_attention`` (same maths). An image

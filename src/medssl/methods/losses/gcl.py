@@ -1,11 +1,11 @@
-"""GCL losses of Chaitanya et al. 2020 (``baselines.md`` §2.1 global, §2.2 local).
+"""GCL losses of Chaitanya et al. 2020 (docs/methods.md#gcl global, docs/methods.md#gcl-full local).
 
 Global (Chaitanya's formulation, not the SupCon simplification): each positive pair
 (a, b) has its own numerator,
 ℓ(a, b) = −log[e^{s_ab} / (e^{s_ab} + Σ_{k∈Λ⁻(a)} e^{s_ak})], s = cos/τ, and
 L_g = (1/|Λ⁺|) Σ_{(a,b)∈Λ⁺} [ℓ(a, b) + ℓ(b, a)].
 
-Choices marked [U] in the spec, as implemented here:
+Choices the paper leaves open, as implemented here:
 * |Λ⁺| counts unordered pairs and both directions are summed, as in the formula, so
   G^R equals 2·NT-Xent (not 1·NT-Xent).
 * G^D positives: the augmented pair of each image plus, for images i, j with the same
@@ -29,7 +29,7 @@ from medssl.errors import ConfigError
 
 STRATEGIES = ("GD", "GD-", "GR")
 
-#: (row, col) fractions of the 13 fixed region positions (§2.2): 4 corners, 4 edge
+#: (row, col) fractions of the 13 fixed region positions: 4 corners, 4 edge
 #: midpoints, the centre, 4 quarter points. n_regions < 13 takes the first ones.
 REGION_FRACTIONS: tuple[tuple[float, float], ...] = (
     (0.0, 0.0), (0.0, 1.0), (1.0, 0.0), (1.0, 1.0),
@@ -90,10 +90,10 @@ def gcl_global_loss(
 
 
 def region_coords(h: int, w: int, region_size: int = 3, n_regions: int = 13) -> list[tuple[int, int]]:
-    """Top-left (row, col) of the ``n_regions`` K×K regions of an h×w map (§2.2).
+    """Top-left (row, col) of the ``n_regions`` K×K regions of an h×w map.
 
     A fraction t maps to start = floor(t·(size − K) + ½), so t = 0 / 1 touch the
-    borders and t = ½ is centred [U: the original pixel offsets were not checked].
+    borders and t = ½ is centred (the original pixel offsets were not checked).
     Depends on the map shape only, so spatially aligned views share the coordinates.
     """
     if not 2 <= n_regions <= len(REGION_FRACTIONS):
@@ -110,7 +110,7 @@ def region_neighbours(n_regions: int = 13, n_neg: int = 5) -> torch.Tensor:
     """(n_regions, n_neg) indices of the ``n_neg`` regions nearest to each region.
 
     Distance between the fractional positions (independent of the map size); ties
-    go to the lower region index [U: the code's exact neighbour lists were not checked].
+    go to the lower region index (the code's exact neighbour lists were not checked).
     """
     if not 1 <= n_neg <= n_regions - 1:
         raise ConfigError(f"gcl.local.n_neg: must be in 1..{n_regions - 1}, got {n_neg}")

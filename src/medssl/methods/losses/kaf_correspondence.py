@@ -1,8 +1,8 @@
-"""KAF's ground-truth keypoint correspondences, the "distance-based criterion" (kaf.md §5.2).
+"""KAF's ground-truth keypoint correspondences, the "distance-based criterion" (docs/kaf.md#one-step).
 
 Correspondences are computed on the **un-augmented** keypoints of the anchor slice s and its neighbour s′:
 both are slices of one volume, so their in-plane pixel frames coincide and view-1 keypoints are already in
-view-2 coordinates there (the transport into each augmented view happens afterwards, §3.3). With
+view-2 coordinates there (the transport into each augmented view happens afterwards). With
 D_ab = |y_a − y_b| + |x_a − x_b| (Manhattan, px) and E_ab = ‖desc_a − desc_b‖₂ (SIFT descriptors):
 
 1. a's nearest neighbour is argmin_b E_ab over {b : D_ab < R} (strict); a has none if that set is empty;

@@ -1,6 +1,6 @@
-"""KAF's losses (kaf.md §5): the global positional contrastive loss and the local matching loss.
+"""KAF's losses (docs/kaf.md#one-step): the global positional contrastive loss and the local matching loss.
 
-* :func:`kaf_global_loss`: PCL's SupCon (τ, τ_b, positives |pos_i − pos_j| < θ plus the other view, §5.1) over
+* :func:`kaf_global_loss`: PCL's SupCon (τ, τ_b, positives |pos_i − pos_j| < θ plus the other view) over
   the 2B embeddings [view 1; view 2], restricted to the items marked ``valid`` (an item whose view has no
   keypoint has no z_kp: both of its rows leave the loss instead of turning it into NaN).
 * :func:`kaf_local_loss`: from the Sinkhorn log-assignment log P (B, N1+1, N2+1) and the boolean target of

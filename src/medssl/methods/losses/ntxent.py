@@ -1,4 +1,4 @@
-"""NT-Xent, the SimCLR loss (``baselines.md`` §1).
+"""NT-Xent, the SimCLR loss (docs/methods.md#simclr).
 
 For 2N L2-normalised projections with s_ij = z_i·z_j/τ,
 ℓ(i, j) = −log(exp(s_ij) / Σ_{k≠i} exp(s_ik)) and L is the mean of ℓ over the 2N

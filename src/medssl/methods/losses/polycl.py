@@ -1,4 +1,4 @@
-"""PolyCL single-negative cosine InfoNCE (``polycl.md`` §4).
+"""PolyCL single-negative cosine InfoNCE (docs/methods.md#polycl-loss).
 
 Per (anchor, positive, negative) triplet, with c± = cos(z, z±):
 
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 
 def resolve_tau(tau: float | str, batch_size: int) -> float:
-    """``tau`` as a float: ``"inverse_batch"`` gives 1/batch_size (polycl.md §4)."""
+    """``tau`` as a float: ``"inverse_batch"`` gives 1/batch_size, as the released PolyCL driver."""
     if isinstance(tau, str):
         if tau != "inverse_batch":
             raise ValueError(f"polycl tau: expected a float or 'inverse_batch', got {tau!r}")

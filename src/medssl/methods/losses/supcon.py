@@ -1,12 +1,12 @@
-"""The SupCon form shared by PCL and the PCL-code SimCLR/GCL (``baselines.md`` §0).
+"""The SupCon form shared by PCL and the PCL-code SimCLR/GCL (docs/methods.md#the-supcon-loss).
 
 Over the 2B embeddings (two views per item) with cosine similarity sim,
 
     L = mean_i −(τ/τ_b)·(1/|P(i)|) Σ_{j∈P(i)} [ sim_ij/τ − log Σ_{k≠i} exp(sim_ik/τ) ]
 
-With P(i) = {other view of i} this is (τ/τ_b)·NT-Xent (§1). The positive mask
-decides the method: identity/other-view (SimCLR), |pos_i − pos_j| < θ (PCL, §3),
-same partition (GCL ``supcon_partition``, §2.1); see :mod:`.positions`.
+With P(i) = {other view of i} this is (τ/τ_b)·NT-Xent. The positive mask
+decides the method: identity/other-view (SimCLR), |pos_i − pos_j| < θ (PCL),
+same partition (GCL ``supcon_partition``); see :mod:`.positions`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def supcon(
       self is excluded from the denominator: k ≠ i).
     * **Rows with no positive** (|P(i)| = 0) contribute nothing and are left out of
       the mean: the loss is the mean over the rows with |P(i)| ≥ 1. This equals the
-      (1/2B) Σ_i of §0 whenever every row has a positive, which holds for every
+      (1/2B) Σ_i of the definition whenever every row has a positive, which holds for every
       mask built in :mod:`.positions` (they always contain the other view). If no
       row has a positive the loss is ``0`` (still attached to the graph of ``z``).
       The reference SupCon code divides by |P(i)| = 0 there and returns NaN.

@@ -1,4 +1,4 @@
-"""KAF (keypoint-augmented fusion, kaf.md): SIFT keypoints, exact coordinate transport, the KAF layer and
+"""KAF (keypoint-augmented fusion, docs/kaf.md): SIFT keypoints, exact coordinate transport, the KAF layer and
 the KAF-UNet backbone (``kaf-unet``). The pretraining matcher lives in :mod:`medssl.models.kaf.matching`."""
 
 from __future__ import annotations

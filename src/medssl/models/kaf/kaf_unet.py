@@ -1,12 +1,12 @@
-"""KAF-UNet (kaf.md §2.1-2.2): the PCL-style UNet with a KAF layer at selected scales, as a backbone.
+"""KAF-UNet (docs/kaf.md#kaf-unet): the PCL-style UNet with a KAF layer at selected scales, as a backbone.
 
 Encoder block l (C_l = f·2^(l-1)): unit(c_in -> C_l) -> unit(C_l -> C_l) -> KAF_l (+C_l channels) -> concat
 (2·C_l, the skip) -> max-pool; block l+1 receives 2·C_l = C_{l+1}. Centre 16f -> 32f -> 32f (ReLU, no norm).
 Decoder: the PCL decoder at f' = 2f; head Conv1x1 f' -> classes (no bias).
 
-A scale without a KAF layer (ablations "1110" etc., kaf.md §9.3) keeps every width: its second unit outputs
-2·C_l directly (C_l -> 2·C_l) instead of concatenating the KAF branch [U: the released code's exact variant
-is unknown]; with no KAF scale at all this is the "UNet(c2)" of kaf.md §2.5.
+A scale without a KAF layer (ablations "1110" etc., docs/kaf.md#ablation-rows) keeps every width: its second
+unit outputs 2·C_l directly (C_l -> 2·C_l) instead of concatenating the KAF branch (our choice: the released
+code's exact variant is unknown); with no KAF scale at all this is the "UNet(c2)" of docs/kaf.md#parameter-counts.
 
 Keypoints are float (x, y) pixels in the input frame (:class:`Keypoints`). ``model(x)`` without keypoints
 runs SIFT on ``x`` itself (so ``medssl predict`` and validation work unchanged); fine-tuning passes the
@@ -36,7 +36,8 @@ __all__ = ["KAFUNetEncoder", "KAFSegmentationModel", "build_kaf_unet", "kaf_para
            "LEGACY_DEAD_PARAMS_PER_LAYER"]
 
 CONFIG_VERSION = 1
-# kaf.md §2.5: every SuperGlue instance of the released code owns an unused Conv1d 256->256 and a dustbin scalar
+# docs/kaf.md#parameter-counts: every SuperGlue instance of the released code owns an unused Conv1d 256->256
+# and a dustbin scalar
 LEGACY_DEAD_PARAMS_PER_LAYER = 256 * 256 + 256 + 1
 _CONFIG_FIELDS = ("format version", "KAF width (kaf_dim)", "attention heads (kaf_heads)",
                   "attention layers per KAF layer (kaf_layers, L_att)", "KAF scales (kaf_scales)",
@@ -90,7 +91,7 @@ class KAFUNetEncoder(nn.Module):
             nn.Conv2d(centre, centre, kernel_size=3, padding=1, bias=True), nn.ReLU(inplace=True))
         self.in_channels, self.features = in_channels, features
         self.out_channels: list[int] = [2 * features * 2**i for i in range(4)] + [centre]
-        # stored in every checkpoint so that a load with other KAF settings fails loudly (kaf.md §10.7)
+        # stored in every checkpoint so that a load with other KAF settings fails loudly (released-code defect 7)
         config = [CONFIG_VERSION, dim, heads, n_attention, _scale_mask(scales), NORMS.index(norm)]
         self.register_buffer("kaf_config", torch.tensor(config, dtype=torch.long))
 
@@ -146,6 +147,7 @@ class KAFSegmentationModel(SegmentationModel):
     """encoder (KAF) -> decoder -> head; ``forward(x, keypoints=None)`` (SIFT on ``x`` when None)."""
 
     ddp_find_unused = True  # a batch without keypoints on one rank skips that rank's attention layers
+    canvas_batches = True  # its cached keypoints live in canvas coordinates
 
     def forward(self, x: Tensor, keypoints: Keypoints | None = None) -> Tensor:
         return self.head(self.decoder(self.encoder(x, keypoints)))
@@ -191,7 +193,7 @@ def build_kaf_unet(in_channels: int = 1, n_classes: int = 2, features: int = 32,
 
 def kaf_parameter_count(model: nn.Module, *, legacy_dead_params: bool = False) -> int:
     """Parameters of a KAF model; ``legacy_dead_params`` adds the 65,793 unused parameters per KAF layer that
-    the released code owns (kaf.md §2.5 flag ``count_legacy_dead_params``: reporting only)."""
+    the released code owns (docs/kaf.md#parameter-counts; reporting only)."""
     n = count_parameters(model)
     if legacy_dead_params:
         n += LEGACY_DEAD_PARAMS_PER_LAYER * sum(isinstance(m, KAFLayer) for m in model.modules())

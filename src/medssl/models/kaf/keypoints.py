@@ -1,8 +1,8 @@
-"""SIFT keypoints for KAF (kaf.md §3.1-3.2): detection with OpenCV and a padded batch type.
+"""SIFT keypoints for KAF (docs/kaf.md#keypoints): detection with OpenCV and a padded batch type.
 
 Coordinates are float pixel positions ``(x, y)`` (column, row; OpenCV's order) in the frame of the image
-that was given, pixel centres at integers. kaf.md writes (y, x); the order is a convention only, it is
-used consistently everywhere here (kaf.md §10.10).
+that was given, pixel centres at integers. The released code stores (y, x); the order is a convention only, it is
+used consistently everywhere here (docs/kaf.md#released-code-defects, 10).
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ class KeypointSettings:
 
     max_keypoints: int = 0  # keep at most this many (strongest SIFT response first); 0 = all (paper)
     upsample: int = 1  # run SIFT on a bicubic x`upsample` copy, coordinates mapped back (cpu preset: 4)
-    dedupe: bool = False  # keep the strongest response per integer pixel cell (kaf.md §3.1; cpu preset on)
-    contrast_threshold: float = 0.04  # OpenCV SIFT_create defaults (kaf.md §3.1)
+    dedupe: bool = False  # keep the strongest response per integer pixel cell (cpu preset on)
+    contrast_threshold: float = 0.04  # OpenCV SIFT_create defaults
     edge_threshold: float = 10.0
     n_octave_layers: int = 3
     sigma: float = 1.6
@@ -63,7 +63,7 @@ def content_box(img: np.ndarray) -> tuple[int, int, int, int] | None:
 
 
 def _to_uint8(image: np.ndarray, box: tuple[int, int, int, int] | None = None) -> np.ndarray:
-    """Per-slice min-max scaling to uint8 (kaf.md §3.1), over the content ``box`` only (padding excluded);
+    """Per-slice min-max scaling to uint8, over the content ``box`` only (padding excluded);
     a constant slice gives zeros."""
     img = np.asarray(image, dtype=np.float32)
     ref = img if box is None else img[box[0]:box[1], box[2]:box[3]]
@@ -94,7 +94,7 @@ def detect_keypoints(image2d: np.ndarray, settings: KeypointSettings | None = No
     (pixel-centre convention of ``cv2.resize``). When the slice sits on a padded canvas (a border of
     ``PAD_VALUE``), keypoints within ``FRAME_MARGIN`` px of the frame are dropped and the uint8 scaling uses the
     content only, so keypoints never mark the frame. Positions are clipped to [0, W-1] x [0, H-1] (the released
-    code's rounding could reach H, kaf.md §10.1) and stay sub-pixel; the model rounds them at the gather.
+    code's rounding could reach H) and stay sub-pixel; the model rounds them at the gather.
     ``with_desc=False`` skips the descriptors (``desc`` is None): the same keypoints, about half the time.
     """
     s = replace(settings or KeypointSettings(), **overrides) if overrides else (settings or KeypointSettings())

@@ -1,14 +1,15 @@
-"""The KAF layer (kaf.md §2.3): keypoint features from a CNN map, self-attention, sparse diffusion back.
+"""The KAF layer (docs/kaf.md#kaf-layer): keypoint features from a CNN map, self-attention, sparse diffusion back.
 
 Per scale l (stride 2^(l-1)), for B samples with up to N keypoints each (``valid`` marks real ones):
 
 1. gather F_l at the keypoints (integer gather at floor(p / 2^(l-1)); optional bilinear sampler);
 2. project C_l -> D and add the positional MLP of the normalised cell position;
-3. L_att self-attention layers, x <- x + MLP([x || MHA(x, x, x)]) (one stream, kaf.md §10.3);
+3. L_att self-attention layers, x <- x + MLP([x || MHA(x, x, x)]) (one stream; docs/kaf.md#released-code-defects, 3);
 4. diffuse: the attended features S_l go through Conv3x3 D->64 as if scattered into a zero map, but
-   without ever building the B x D x H x W map (kaf.md §10.4): each keypoint contributes
+   without ever building the B x D x H x W map (defect 4 of the released code): each keypoint contributes
    W1[:, :, i, j] · s_k to the 64-channel map at cell p_k - (i-1, j-1); collisions add up (scatter-add,
-   deterministic; kaf.md §10.5), or average with ``collision="mean"``. Then +b1 -> BN -> ReLU -> Conv3x3 64->C_l,
+   deterministic, unlike the released code's last write wins), or average with ``collision="mean"``.
+   Then +b1 -> BN -> ReLU -> Conv3x3 64->C_l,
    also sparse: only the cells the keypoints reach differ from one constant (see :meth:`KAFLayer.diffuse`),
    so no 64-channel map is built either (3x less peak memory than the dense layer at 128², BENCHMARKS.md).
 5. output Concat(F_l, D_l(S_l)) (2·C_l channels) and S_l (B, N, D).
@@ -58,14 +59,14 @@ def make_point_norm(kind: str, channels: int) -> nn.Module:
 
 
 def normalise_positions(xy: Tensor, h: int, w: int) -> Tensor:
-    """(…, 2) (x, y) cell positions -> (p - (W/2, H/2)) / (0.7 · max(H, W)) (kaf.md §2.3 step 4, order fixed)."""
+    """(…, 2) (x, y) cell positions -> (p - (W/2, H/2)) / (0.7 · max(H, W)) (as released, (x, y) order fixed)."""
     centre = torch.tensor([w / 2, h / 2], dtype=xy.dtype, device=xy.device)
     return (xy - centre) / (0.7 * max(h, w))
 
 
 def keypoint_cells(xy: Tensor, stride: int, h: int, w: int) -> Tensor:
     """Float input-frame (x, y) -> integer cells at a map of (h, w) with ``stride``: round floor(v + 0.5),
-    clip to the input frame, then truncating division floor(p / stride) (kaf.md §2.3 step 1, §3.3 step 5)."""
+    clip to the input frame, then truncating division floor(p / stride), as the released code."""
     p = torch.floor(xy + 0.5).long()
     p[..., 0] = p[..., 0].clamp(0, w * stride - 1)
     p[..., 1] = p[..., 1].clamp(0, h * stride - 1)
@@ -173,7 +174,7 @@ class KAFLayer(nn.Module):
 
     def _gather(self, feat: Tensor, xy: Tensor, cells: Tensor, where: tuple[Tensor, Tensor]) -> Tensor:
         """Packed (M, C) features at the keypoints: integer gather at the cells, or bilinear at
-        (p + 0.5) / stride - 0.5 (level pixels; the ``bilinear`` deviation of kaf.md §2.3 step 2)."""
+        (p + 0.5) / stride - 0.5 (level pixels; the ``bilinear`` deviation, docs/kaf.md#kaf-layer)."""
         if self.sampler == "nearest":
             c = cells[where]
             return feat.permute(0, 2, 3, 1)[where[0], c[:, 1], c[:, 0]]

@@ -1,8 +1,9 @@
-"""KAF's keypoint matcher and the log-domain Sinkhorn with a dustbin (kaf.md §2.4, §5.3).
+"""KAF's keypoint matcher and the log-domain Sinkhorn with a dustbin (docs/kaf.md#one-step,
+docs/kaf.md#sinkhorn-with-a-dustbin).
 
 The matcher is a second SuperGlue-style module on top of the per-keypoint features G of the two views:
 
-    x_v = G_v + MLP_kp(u_v)                        u = (x, y) keypoints normalised by the input size (§2.3.4)
+    x_v = G_v + MLP_kp(u_v)                        u = (x, y) keypoints normalised by the input size
     for kind in layers ("self", "cross", ...):     residual MHA + MLP([x ‖ m]) updates, both views
     f_v = Conv1d(D→D)(x_v)                         one shared final projection
     S_ab = <f1_a, f2_b> / sqrt(D)                  score matrix (B, N1, N2)
@@ -134,7 +135,7 @@ class AttentionLayer(nn.Module):
 
 def log_sinkhorn(scores: Tensor, alpha: Tensor | float, iters: int, mask1: Tensor | None = None,
                  mask2: Tensor | None = None) -> Tensor:
-    """Log-domain Sinkhorn with a dustbin row and column (kaf.md §5.3).
+    """Log-domain Sinkhorn with a dustbin row and column (docs/kaf.md#sinkhorn-with-a-dustbin).
 
     ``scores`` (B, N1, N2); ``alpha`` the dustbin score; ``mask1`` (B, N1) / ``mask2`` (B, N2) mark valid
     keypoints (default: all). Per sample, with n1, n2 valid keypoints and n = −log(n1 + n2):
@@ -167,7 +168,7 @@ def log_sinkhorn(scores: Tensor, alpha: Tensor | float, iters: int, mask1: Tenso
 
 
 class KeypointMatcher(nn.Module):
-    """The pretraining matcher of §2.4: attention over both views' keypoint features, scores, dustbin, Sinkhorn.
+    """The pretraining matcher: attention over both views' keypoint features, scores, dustbin, Sinkhorn.
 
     ``forward(g1, g2, p1, p2, image_size, mask1, mask2) -> (log P (B, N1+1, N2+1), scores (B, N1, N2))``;
     g_v (B, in_dim, N_v) keypoint features, p_v (B, N_v, 2) keypoint positions (x, y) in input pixels (the

@@ -1,5 +1,5 @@
-"""Keypoints of every cached slice, computed once and kept next to the slice cache (kaf.md §11: "SIFT is
-deterministic, so cache it per slice").
+"""Keypoints of every cached slice, computed once and kept next to the slice cache (SIFT is
+deterministic, so it runs once per slice; docs/kaf.md#keypoints).
 
 Layout: ``<cache root>/keypoints-<settings key>/<case id>.npz`` with ``xy`` (n_total, 2) float32,
 ``desc`` (n_total, 128) uint8 (OpenCV's SIFT descriptors are integers in 0..255, so this is lossless) and
@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medssl.data.atomic import atomic_path
 from medssl.data.cache import SliceCache
-from medssl.data.volume import atomic_write
 from medssl.errors import DataError
 from medssl.models.kaf.keypoints import DESC_DIM, Keypoints, KeypointSettings, detect_keypoints
 
@@ -63,14 +63,15 @@ class KeypointStore:
                     arrays = (z["xy"], z["desc"], z["offsets"])
             except (OSError, KeyError, ValueError) as exc:
                 raise DataError(f"{path}: unreadable keypoint file ({exc}); delete it to recompute") from None
-            a, b = self.cache.meta["cases"][case_id]
+            a, b = self.cache.span(case_id)
             if len(arrays[2]) != b - a + 1:
                 raise DataError(f"{path}: {len(arrays[2]) - 1} slices, the cache has {b - a}; delete it to recompute")
         else:
             arrays = self._compute(case_id)
             try:
                 self.folder.mkdir(parents=True, exist_ok=True)
-                atomic_write(path, lambda tmp: np.savez(tmp, xy=arrays[0], desc=arrays[1], offsets=arrays[2]))
+                with atomic_path(path) as tmp:
+                    np.savez(tmp, xy=arrays[0], desc=arrays[1], offsets=arrays[2])
             except OSError as exc:  # a read-only cache: keep the keypoints in memory for this process only
                 warnings.warn(f"{path}: keypoints not cached on disk ({exc}); recomputed in each process",
                               stacklevel=2)
@@ -85,7 +86,7 @@ class KeypointStore:
             raise DataError(f"{self.cache.root}: row {row} is not in the slice cache")
         case = str(self.cache.case_ids[row])
         xy, desc, offsets = self._case(case)
-        k = row - self.cache.meta["cases"][case][0]
+        k = row - self.cache.span(case)[0]
         a, b = int(offsets[k]), int(offsets[k + 1])
         return xy[a:b], desc[a:b].astype(np.float32)
 

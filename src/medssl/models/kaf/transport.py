@@ -1,8 +1,8 @@
-"""Exact transport of keypoint coordinates through the spatial augmentation (kaf.md §3.3).
+"""Exact transport of keypoint coordinates through the spatial augmentation (docs/kaf.md#exact-transport).
 
 The released code painted keypoint ids into a label map, warped it with nearest neighbour and read each
 id back as the mean of its pixels; padding and borders were filled with 0, which is also keypoint 0's id
-(kaf.md §10.1). Here the points go through the same parameters as the image instead:
+(docs/kaf.md#released-code-defects, 1). Here the points go through the same parameters as the image instead:
 
 * pad / crop / flip / the slice fit: closed-form shifts and reflections;
 * the batch warp of :class:`medssl.data.augment.BatchAugment` (``grid_sample``, ``align_corners=False``):
@@ -117,7 +117,7 @@ def crop_points(xy: Tensor, valid: Tensor, start_xy: tuple[float, float] | Tenso
 
 
 def pad_points(xy: Tensor, before_xy: tuple[float, float] | Tensor) -> Tensor:
-    """Padding with (left, top) = ``before_xy`` pixels: p ← p + before (kaf.md §3.3 step 1)."""
+    """Padding with (left, top) = ``before_xy`` pixels: p ← p + before."""
     return xy + torch.as_tensor(before_xy, dtype=xy.dtype, device=xy.device)
 
 

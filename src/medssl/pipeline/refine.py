@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from medssl.config import DataConfig
+from medssl.data.discover import read_item
 from medssl.errors import ConfigError
-from medssl.sam.inputs import read_item, write_metrics
+from medssl.sam.inputs import write_metrics
 from medssl.sam.policy import auto_config, write_policy
 from medssl.sam.refine import (RefineConfig, merge_volume, plan_refinement, predict_volume, prediction_stats,
                                sam_intensity)

@@ -1,6 +1,6 @@
 """Tiny synthetic datasets for tests (written under a pytest ``tmp_path``).
 
-Other test modules may import these helpers: ``from synth import make_msd`` (pytest puts
+Other test modules may import these helpers: ``from synth import make_msd`` (tests/conftest.py puts
 the tests folder on ``sys.path``) or ``from tests.synth import ...``.
 """
 

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from medssl.errors import ConfigError
+from medssl.registry import Registry
 from medssl.typed_config import build_dataclass, parse_overrides  # noqa: F401  (re-exported)
 from medssl.typed_config import deep_merge as _deep_merge
 from medssl.typed_config import yaml_load as _yaml_load
@@ -50,6 +51,8 @@ class SplitConfig:
     budget_mode: str = "nested"  # "nested" (clean) or "legacy" (KAF/PCL random.sample)
     group_regex: str | None = None  # e.g. "(patient\\d+)_frame\\d+": cases of one patient never straddle a split
     group_file: str | None = None  # CSV (case,patient) or JSON {case: patient}
+    labelled: list[str] = field(default_factory=list)  # these training cases' patients are labelled ([] = drawn)
+    labelled_file: str | None = None  # the same from a file: one case id per line, a JSON list, or advice.json
 
 
 @dataclass
@@ -151,7 +154,6 @@ class PretrainConfig:
 class EvalConfig:
     batch_size: int = 32
     hd95: bool = True
-    save_predictions: bool = False
     sw_overlap: float = 0.5  # sliding-window inference overlap, used when train.patch_size < data.size
     sw_mode: str = "gaussian"  # window blending: "gaussian" or "constant" (MONAI sliding_window_inference)
 
@@ -178,7 +180,7 @@ class Config:
 # --------------------------------------------------------------------------------------------
 # Method options. A pretraining method declares its own options dataclass; ``medssl.methods`` registers it here
 # under the method's section, so that ``pretrain.<section>.<key>`` is checked like any other key.
-_OPTIONS: dict[str, type] = {}
+_OPTIONS: Registry[type] = Registry("options section")
 
 # Flat pretraining keys of earlier releases -> where they live now. They still load (files, overrides, the
 # config.yaml of old runs) and mean what they meant: pcl_theta was the theta of PCL's and KAF's positives.
@@ -192,6 +194,8 @@ LEGACY_KEYS: dict[str, tuple[str, ...]] = {
         "match_layers", "match_dim", "match_heads", "head_dim", "dustbin_init", "norm", "local_form",
         "local_pos_weight", "local_neg_weight", "min_keypoints", "keypoints")},
 }
+# Keys of earlier releases that no longer mean anything: dropped where they are read (old runs' config.yaml).
+REMOVED_KEYS: dict[str, tuple[str, ...]] = {"eval": ("save_predictions",)}
 
 
 def register_options(section: str, cls: type) -> None:
@@ -200,35 +204,32 @@ def register_options(section: str, cls: type) -> None:
         raise ValueError(f"options section {section!r} would shadow the config key 'pretrain.{section}'")
     if not dataclasses.is_dataclass(cls):
         raise TypeError(f"options of section {section!r} must be a dataclass, got {cls!r}")
-    if _OPTIONS.setdefault(section, cls) is not cls:
-        raise ValueError(f"options section {section!r} is already registered with {_OPTIONS[section].__name__}")
-
-
-def option_sections() -> dict[str, type]:
-    return dict(_OPTIONS)
+    _OPTIONS.add(section, cls)
 
 
 def resolve_options(pretrain: PretrainConfig) -> None:
     """Type every ``pretrain.<section>`` with its registered options class (their own checks run there) and add
     the defaults of the sections not given. Before ``medssl.methods`` is imported no section is registered and
     the sections stay as given; building a method resolves them (``build_method``)."""
+    sections = _OPTIONS.names()
     for section, value in list(pretrain.options.items()):
-        cls = _OPTIONS.get(section)
-        if cls is None:
-            if _OPTIONS:
-                known = sorted({f.name for f in dataclasses.fields(PretrainConfig)} - {"options"} | set(_OPTIONS))
+        if section not in _OPTIONS:
+            if sections:
+                known = sorted({f.name for f in dataclasses.fields(PretrainConfig)} - {"options"} | set(sections))
                 raise ConfigError(f"unknown config key 'pretrain.{section}' (known: {', '.join(known)})")
-        elif not isinstance(value, cls):
-            pretrain.options[section] = build_dataclass(cls, value, f"pretrain.{section}.")
-    for section, cls in _OPTIONS.items():
-        if section not in pretrain.options:
-            pretrain.options[section] = cls()
+        elif not isinstance(value, _OPTIONS.get(section)):
+            pretrain.options[section] = build_dataclass(_OPTIONS.get(section), value, f"pretrain.{section}.")
+    for section in sections:
+        pretrain.options.setdefault(section, _OPTIONS.get(section)())
     pretrain.options = dict(sorted(pretrain.options.items()))
 
 
 def _upgrade(data: dict) -> dict:
-    """One source's ``pretrain`` keys in the stored layout: legacy flat keys (:data:`LEGACY_KEYS`) and
-    ``pretrain.<section>`` mappings move into ``pretrain.options``; within a source the new spelling wins."""
+    """One source's keys in the stored layout: legacy flat keys (:data:`LEGACY_KEYS`) and ``pretrain.<section>``
+    mappings move into ``pretrain.options`` (within a source the new spelling wins); :data:`REMOVED_KEYS` go."""
+    if isinstance(data, dict):
+        data = {**data, **{s: {k: v for k, v in data[s].items() if k not in keys}
+                           for s, keys in REMOVED_KEYS.items() if isinstance(data.get(s), dict)}}
     pre = data.get("pretrain") if isinstance(data, dict) else None
     if not isinstance(pre, dict):
         return data
@@ -345,6 +346,8 @@ def validate(cfg: Config) -> None:
     b = cfg.split.budget
     if not (b == "all" or (isinstance(b, (int, float)) and not isinstance(b, bool))):
         raise ConfigError(f"config key 'split.budget' must be an integer, a fraction or 'all', got {b!r}")
+    if cfg.split.labelled and cfg.split.labelled_file:
+        raise ConfigError("config keys 'split.labelled' and 'split.labelled_file' are both set: give one of them")
     check_choice("pretrain.view_aug", cfg.pretrain.view_aug, ("project", "finetune"))
     v = cfg.pretrain.views
     if not (0 < v.crop_scale[0] <= v.crop_scale[1] <= 1 and 0 < v.crop_ratio[0] <= v.crop_ratio[1]):

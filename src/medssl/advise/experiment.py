@@ -11,10 +11,11 @@
   labelled patients and the comparison between methods stays paired.
 
 Everything else of the cell is as for ``seeded`` (fold, validation patients, training seed, overrides), so a
-selection is paired with the seeded draw of the same (method, fold, M, seed). The advised split is written to the
-cell's ``splits.json`` (``budget_mode: explicit``) with the ranking in ``advice.csv`` before training starts; the
-cell then trains as a run resumed before its first checkpoint. The patients' embeddings are computed once per
-(fold, features) and kept in ``<output_dir>/advise/``; a rerun ranks them again and gets the same patients.
+selection is paired with the seeded draw of the same (method, fold, M, seed). The cell is fine-tuned with the
+advised patients' cases in ``split.labelled`` (:func:`advised_cases`), so its ``config.yaml`` and ``splits.json``
+(``budget_mode: explicit``) record them and a killed cell resumes with them; the ranking is kept in
+``<output_dir>/advise/<cell>.csv``. The patients' embeddings are computed once per (fold, features) and kept in
+``<output_dir>/advise/``; a rerun ranks them again and gets the same patients.
 """
 
 from __future__ import annotations
@@ -86,27 +87,28 @@ def cached_embeddings(path: Path, cache, patients: dict[str, list[str]], checkpo
     return feats
 
 
-def seed_advised_run(cfg, run_dir: Path, selection: str, checkpoint: str | None, seed: int, work: Path
-                     ) -> None:
-    """Write the advised ``splits.json``, ``advice.csv`` and ``config.yaml`` of a cell's run folder, unless its
-    ``config.yaml`` is there already (then the run has been set up, and its ``splits.json`` holds the patients)."""
+def advised_cases(cfg, selection: str, checkpoint: str | None, seed: int, work: Path, ranking_csv: Path
+                  ) -> list[str]:
+    """The cases of the M patients a cell of ``selection`` labels (M = ``split.budget``, ranked with ``seed``
+    among the training patients of ``cfg``'s seeded split), for its ``split.labelled``; the whole ranking is
+    written to ``ranking_csv``. Nothing is written into the cell's run folder."""
+    import copy
+
     from medssl.advise.embed import project
     from medssl.advise.run import advice_rows, write_advice_csv
-    from medssl.config import dump_config
-    from medssl.data.atomic import write_text
     from medssl.data.cache import prepare
-    from medssl.data.splits import patient_groups, save_split, with_labelled
+    from medssl.data.splits import patient_groups
     from medssl.engine.finetune import build_split
 
-    if (run_dir / "config.yaml").is_file():
-        return
     strategy, source = parse_selection(selection)
     if not cfg.data.path:
         raise ConfigError("config key 'data.path' is empty: give the dataset folder (data.path=...)")
-    cfg.data.path = str(Path(cfg.data.path).expanduser().resolve())  # as a run saves them
+    cfg = copy.deepcopy(cfg)
+    cfg.split.labelled, cfg.split.labelled_file = [], None  # the seeded split: its test and validation parts
+    cfg.data.path = str(Path(cfg.data.path).expanduser().resolve())  # as a run resolves them
     cfg.data.cache_dir = str(Path(cfg.data.cache_dir).expanduser().resolve())
     cache = prepare(cfg.data, progress=False)
-    split = build_split(cfg, cache)  # the seeded split: its test and validation parts are kept
+    split = build_split(cfg, cache)
     labelled = cache.labelled_cases
     groups = patient_groups(labelled, regex=cfg.split.group_regex, mapping_file=cfg.split.group_file)
     names = sorted(split.patients["labelled"] + split.patients["unlabelled"])
@@ -114,8 +116,5 @@ def seed_advised_run(cfg, run_dir: Path, selection: str, checkpoint: str | None,
     raw = cached_embeddings(work / f"{source}-f{split.fold}.npz", cache, patients, checkpoint, cfg.model)
     m = split.budget_m
     ranking = rank_patients(project(raw), m, strategy, seed)
-    advised = with_labelled(split, [names[i] for i in ranking.chosen(m)], groups)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_advice_csv(run_dir / "advice.csv", advice_rows(names, ranking))
-    save_split(advised, run_dir / "splits.json")
-    write_text(run_dir / "config.yaml", dump_config(cfg))  # last: its presence means "set up, resume"
+    write_advice_csv(ranking_csv, advice_rows(names, ranking))
+    return sorted(c for i in ranking.chosen(m) for c in patients[names[i]])

@@ -9,6 +9,9 @@ labelled case has no test or validation part: every patient is a candidate.
 from __future__ import annotations
 
 import copy
+import json
+import re
+import shlex
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -26,6 +29,7 @@ from medssl.data.atomic import atomic_path, write_csv, write_json
 from medssl.errors import ConfigError
 
 CSV_FIELDS = ("patient", "rank", "score", "cluster")
+SPLIT_CHOICE = ("split.budget", "split.labelled", "split.labelled_file")  # set by the printed finetune command
 DATA_KEYS = ("axis", "size", "fit", "spacing", "crop", "ct_window", "mri_mode", "mri_percentiles")
 
 
@@ -44,6 +48,7 @@ def training_patients(cfg, cache) -> tuple[dict[str, list[str]], str]:
     else:
         cfg = copy.deepcopy(cfg)
         cfg.split.budget = "all"  # only the test / validation / training partition matters here
+        cfg.split.labelled, cfg.split.labelled_file = [], None
         split = build_split(cfg, cache)
         held = set(split.patients["test"]) | set(split.patients["val"])
         keep = {c for c in split.labelled + split.unlabelled if groups[c] not in held}
@@ -126,6 +131,26 @@ def save_map(path: Path, z: np.ndarray, patients: list[str], ranking: Ranking, m
         plt.close(fig)
 
 
+def labelled_override(cases: list[str]) -> str:
+    """``split.labelled=[a,b]``: an id stays bare when YAML reads it back as the same string, else JSON-quoted."""
+    from medssl.typed_config import yaml_load
+
+    def item(case: str) -> str:
+        bare = re.fullmatch(r"[A-Za-z0-9_./-]+", case) is not None and yaml_load(f"[{case}]") == [case]
+        return case if bare else json.dumps(case)
+
+    return "split.labelled=[" + ",".join(item(c) for c in cases) + "]"
+
+
+def finetune_command(config: str | None, data: str | None, overrides: list[str], budget: int,
+                     cases: list[str]) -> str:
+    """The ``medssl finetune`` command line (shell-quoted) that labels exactly ``cases``: the advise command's
+    config, data and overrides, with ``split.budget`` and ``split.labelled`` set to the advice."""
+    args = ["medssl", "finetune", *(["--config", config] if config else []), *(["--data", data] if data else [])]
+    args += [o for o in overrides if o.split("=", 1)[0].strip().lstrip("-") not in SPLIT_CHOICE]
+    return shlex.join([*args, f"split.budget={budget}", labelled_override(cases)])
+
+
 def check_request(budget, strategy: str, init: str | None, seed) -> None:
     """Every check that needs no data: one-line errors naming the option."""
     check_strategy(strategy)
@@ -157,7 +182,8 @@ def run_advise(cfg, *, budget: int, strategy: str = "typical", init: str | None 
         init = str(Path(init).expanduser().resolve())
         warnings = check_checkpoint_data(load_checkpoint(init)["meta"], cfg.data)
         model = load_encoder_model(init, info.n_classes, cfg.model)
-    patients, where = training_patients(cfg, dataset_index(info))
+    index = dataset_index(info)
+    patients, where = training_patients(cfg, index)
     if budget > len(patients):
         raise ConfigError(f"--budget: M={budget} exceeds the {len(patients)} training patients of {where} "
                           "(validation and test patients excluded)")
@@ -168,9 +194,12 @@ def run_advise(cfg, *, budget: int, strategy: str = "typical", init: str | None 
     names = list(patients)
     rows = advice_rows(names, ranking)
     chosen = [names[i] for i in ranking.chosen(budget)]
+    no_label = set(index.unlabelled_cases)
     source = f"encoder of {init}" if init else "intensity statistics"
     result = {"strategy": strategy, "seed": seed, "budget": budget, "features": source, "candidates": len(names),
             "where": where, "chosen": chosen, "cases": {p: patients[p] for p in chosen},
+            "label_cases": [c for p in chosen for c in patients[p]],
+            "without_label": [c for p in chosen for c in patients[p] if c in no_label],
             "feature_dims": int(raw.shape[1]), "projected_dims": int(z.shape[1]), "warnings": warnings,
             "cache": str(cache.root)}
     out = Path(out).expanduser()

@@ -166,8 +166,3 @@ def rank_patients(x: np.ndarray, m: int, strategy: str, seed: int = 0) -> Rankin
 def covering_radius(x: np.ndarray, chosen: list[int]) -> float:
     """Largest distance of any row of ``x`` to its nearest chosen row (what k-center minimises)."""
     return float(distances(x)[:, chosen].min(axis=1).max())
-
-
-def mean_distance(x: np.ndarray, chosen: list[int]) -> float:
-    """Mean distance of the rows of ``x`` to their nearest chosen row (what ``facility`` minimises)."""
-    return float(distances(x)[:, chosen].min(axis=1).mean())

@@ -246,7 +246,7 @@ def advise(ctx: typer.Context, config: Optional[str] = ConfigOpt, data: Optional
            seed: int = typer.Option(0, "--seed", help="seed of random and of k-means (typical)"),
            output: str = typer.Option("advice", "--output", "-o", help="folder for advice.csv and embedding.png")):
     """Which training patients of the fold to label first (docs/advise.md): advice.csv and a map."""
-    from medssl.advise.run import check_request, run_advise
+    from medssl.advise.run import check_request, finetune_command, run_advise
 
     overrides, words = extras(ctx)
     no_words(words)
@@ -258,6 +258,10 @@ def advise(ctx: typer.Context, config: Optional[str] = ConfigOpt, data: Optional
     typer.echo(f"{strategy}: label {', '.join(info['chosen'])} (of {info['candidates']} training patients of "
                f"{info['where']}; features: {info['features']})")
     typer.echo(f"wrote {Path(info['out']) / 'advice.csv'} and embedding.png")
+    if info["without_label"]:
+        typer.echo(f"label first (no label file yet): {', '.join(info['without_label'])}")
+    typer.echo("to fine-tune on the advice:\n  " + finetune_command(config, data, overrides, budget,
+                                                                     info["label_cases"]))
 
 
 @app.command(context_settings=EXTRA, epilog=SETTINGS)

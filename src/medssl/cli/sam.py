@@ -19,6 +19,7 @@ import typer
 from medssl.cli.common import (EXTRA, ConfigOpt, app, extras, legacy, load, moved_options,
                                section_settings, split_section)
 from medssl.errors import ConfigError
+from medssl.report.console import print_propagation, print_refine
 
 REFINE_SETTINGS = ("Settings: sam.KEY=VALUE for the refinement, e.g. sam.merge=union sam.iou_threshold=0.8 "
                    "sam.box_mode=per_component sam.exclude=[3] sam.policy=auto (with --run); data.KEY=VALUE "
@@ -28,17 +29,20 @@ PROPAGATE_SETTINGS = ("Settings: propagate.KEY=VALUE for the propagation, e.g. p
                       "data.modality=CT data.axis=1. See docs/sam.md.")
 
 
-def _refine_moved() -> dict[str, str]:
-    from medssl.sam.refine import RefineConfig
-
-    return {**moved_options(RefineConfig, "sam"), "--per-component": "sam.box_mode=per_component",
-            "--min-component": "sam.min_component_px=VALUE", "--modality": "data.modality=VALUE"}
-
-
-def _propagate_moved() -> dict[str, str]:
-    from medssl.sam.propagate import PropagateConfig
-
-    return {**moved_options(PropagateConfig, "propagate"), "--modality": "data.modality=VALUE"}
+def _inputs(ctx: typer.Context, cls: type, section: str, data: Optional[str], command: str, needs: str,
+            checkpoint: Optional[str], config: Optional[str], moved: dict[str, str] | None = None):
+    """``(the --data input, the section's settings (``cls`` from section.KEY=VALUE, and --checkpoint), the
+    configuration)``; ``moved``: more options of earlier releases and the overrides that replace them."""
+    moved = {**moved_options(cls, section), "--modality": "data.modality=VALUE", **(moved or {})}
+    overrides, words = extras(ctx, moved)
+    source = legacy(words, data, command, "--data")
+    if source is None:
+        raise ConfigError(f"{command.split()[0]} needs {needs}")
+    mine, rest = split_section(overrides, section)
+    settings = section_settings(cls, mine, section)
+    if checkpoint is not None:
+        settings.checkpoint = checkpoint
+    return source, settings, load(config, rest, section=section)
 
 
 @app.command(context_settings=EXTRA, epilog=REFINE_SETTINGS)
@@ -55,15 +59,9 @@ def refine(ctx: typer.Context,
     """Refine coarse label maps with box prompts (LiteMedSAM by default); output keeps the input geometry."""
     from medssl.sam.refine import RefineConfig
 
-    overrides, words = extras(ctx, _refine_moved())
-    images = legacy(words, data, "refine COARSE", "--data")
-    if images is None:
-        raise ConfigError("refine needs the images: --data FILE_OR_FOLDER")
-    mine, rest = split_section(overrides, "sam")
-    rcfg = section_settings(RefineConfig, mine, "sam")
-    if checkpoint is not None:
-        rcfg.checkpoint = checkpoint
-    cfg = load(config, rest, section="sam")
+    images, rcfg, cfg = _inputs(ctx, RefineConfig, "sam", data, "refine COARSE", "the images: --data FILE_OR_FOLDER",
+                                checkpoint, config, {"--per-component": "sam.box_mode=per_component",
+                                                     "--min-component": "sam.min_component_px=VALUE"})
     if (rcfg.policy == "auto") != (run is not None):
         raise ConfigError("sam.policy=auto chooses per class on a run's validation patients: give it --run RUN_DIR "
                           "(and --run only with sam.policy=auto)")
@@ -77,29 +75,7 @@ def refine(ctx: typer.Context,
 
         validation = partial(run_validation, run, Path(output) / "validation" / "coarse")
     result = refine_predictions(coarse, images, labels, out_dir=output, cfg=rcfg, data=cfg.data, validation=validation)
-    if "per_class" in result:
-        _print_refine(result)
-    for name, d in result.get("policy", {}).get("classes", {}).items():
-        typer.echo(f"{name}: {d['choice']} (validation Dice keep {d['val_dice_keep']:.3f}, "
-                   f"{d['best_candidate']} {d['val_dice_best']:.3f})")
-    n_boxes = sum(s["boxes"] for s in result["stats"].values())
-    typer.echo(f"refined {len(result['cases'])} volume(s) ({n_boxes} boxes) -> {output}")
-
-
-def _print_refine(result: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    def f(v, d=3):
-        return "–" if v is None else f"{v:.{d}f}"
-
-    table = Table(title=f"refinement: {len(result['cases'])} volume(s), 3D Dice / HD95 (mm) before -> after")
-    for col in ("class", "Dice before", "Dice after", "Δ Dice", "HD95 before", "HD95 after"):
-        table.add_column(col)
-    for name, d in result["per_class"].items():
-        table.add_row(name, f(d["dice_before"]), f(d["dice_after"]), f(d["dice_delta"]),
-                      f(d["hd95_before"], 2), f(d["hd95_after"], 2))
-    Console().print(table)
+    print_refine(result, output)
 
 
 def _key(text: Optional[str]) -> tuple[Optional[str], Optional[int]]:
@@ -129,26 +105,13 @@ def propagate(ctx: typer.Context,
     """Propagate one annotated slice through the volume (LiteMedSAM chain, hybrid, registration, or SAM 2)."""
     from medssl.sam.propagate import PropagateConfig
 
-    overrides, words = extras(ctx, _propagate_moved())
-    image = legacy(words, data, "propagate", "--data")
-    if image is None:
-        raise ConfigError("propagate needs the image: --data IMAGE")
-    mine, rest = split_section(overrides, "propagate")
-    pcfg = section_settings(PropagateConfig, mine, "propagate")
+    image, pcfg, cfg = _inputs(ctx, PropagateConfig, "propagate", data, "propagate", "the image: --data IMAGE",
+                               checkpoint, config)
     rule, key_index = _key(key)
     if rule is not None:
         pcfg.key_slice = rule
-    if checkpoint is not None:
-        pcfg.checkpoint = checkpoint
-    cfg = load(config, rest, section="propagate")
     from medssl.pipeline.propagate import run_propagate
 
     info = run_propagate(image, output, dataclasses.asdict(pcfg), cfg.data, mask=mask, slice_index=slice_index,
                          labels=labels, key_index=key_index, gt=gt)
-    for name, m in info.get("metrics", {}).items():
-        dice = ", ".join(f"{c}: {v:.3f}" for c, v in m["dice"].items())
-        typer.echo(f"{name:>11}: 3D Dice mean {m['dice_mean']:.3f} ({dice})")
-    for c, by_dir in info.get("stops", {}).items():
-        typer.echo(f"class {c} stopped: " + "; ".join(f"{d} {v['reason']}" + (f" at slice {v['slice']}" if
-                                                       v["slice"] is not None else "") for d, v in by_dir.items()))
-    typer.echo(f"key slices {info['key_slices']}; wrote {output}")
+    print_propagation(info, output)

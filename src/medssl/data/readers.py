@@ -296,18 +296,20 @@ def label_kind(case: Case) -> str:
     return "h5" if case.label is not None and Path(case.label).suffix.lower() in H5_SUFFIXES else "nifti"
 
 
+def grid_mismatch(vol: Volume, ref: Volume, what: str = "label", ref_what: str = "image") -> str | None:
+    """Why ``vol`` (a ``what``) is not on the grid of ``ref``: another canonical shape, or an affine more than
+    :data:`AFFINE_TOL_MM` away; None when it is on it."""
+    if vol.shape != ref.shape:
+        return f"{what} {vol.source} has shape {vol.shape} but {ref_what} {ref.source} has shape {ref.shape}"
+    diff = float(np.abs(np.asarray(vol.affine) - np.asarray(ref.affine)).max())
+    if diff > AFFINE_TOL_MM:
+        return f"{what} {vol.source} affine differs from {ref_what} {ref.source} affine (max difference {diff:.4g} mm)"
+    return None
+
+
 def pair_problems(image: Volume, label: Volume, dataset: DatasetInfo) -> list[str]:
     """Every inconsistency between an image and its label (empty list when they agree)."""
-    problems = []
-    if image.shape != label.shape:
-        problems.append(
-            f"label {label.source} has shape {label.shape} but image {image.source} has shape {image.shape}"
-        )
-    elif np.abs(np.asarray(label.affine) - np.asarray(image.affine)).max() > AFFINE_TOL_MM:
-        diff = float(np.abs(np.asarray(label.affine) - np.asarray(image.affine)).max())
-        problems.append(
-            f"label {label.source} affine differs from image {image.source} affine (max difference {diff:.4g} mm)"
-        )
+    problems = [p for p in [grid_mismatch(label, image)] if p]
     if dataset.labels:
         values = np.unique(label.array)
         unknown = sorted(int(v) for v in values if int(v) not in dataset.labels)

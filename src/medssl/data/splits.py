@@ -7,7 +7,8 @@ to the same part. The protocol (as in the KAF and PCL papers' released code):
   patient ids (or a fixed hold-out list of test cases);
 - validation subset: ``val_patients`` patients drawn with ``val_seed`` from the non-test patients;
 - label budget: M patients from the remaining training patients, ``nested`` (first M of one seeded permutation,
-  so M=2 is a subset of M=5) or ``legacy`` (``random.seed(s); random.sample(train_ids, M)`` as KAF/PCL);
+  so M=2 is a subset of M=5) or ``legacy`` (``random.seed(s); random.sample(train_ids, M)`` as KAF/PCL), or the
+  patients of a given case list (``split.labelled``: :func:`with_labelled_cases`, ``budget_mode`` "explicit");
 - unlabelled: the rest of the training part.
 
 Cases are grouped into patients by :func:`medssl.data.patients.patient_groups` (re-exported here).
@@ -38,6 +39,7 @@ __all__ = [
     "patient_groups",
     "save_split",
     "with_labelled",
+    "with_labelled_cases",
 ]
 
 SPLIT_FORMAT = "medssl-split/1"
@@ -58,7 +60,7 @@ def kfold_patients(patient_ids: Iterable[str], n_folds: int = 5, seed: int = 123
     """Test folds of ``sklearn.model_selection.KFold(n_folds, shuffle=True, random_state=seed)``.
 
     Runs over the **sorted** unique patient ids (so the input order does not matter); each fold comes back in
-    sorted-id order, as ``KFold.split`` yields test indices. ``tests/test_split_pins.py`` pins the folds.
+    sorted-id order, as ``KFold.split`` yields test indices. ``tests/data/test_split_pins.py`` pins the folds.
     """
     from sklearn.model_selection import KFold
 
@@ -344,3 +346,38 @@ def with_labelled(split: Split, patients: Sequence[str], groups: Mapping[str, st
     return replace(split, labelled=sorted(c for c in cases if groups.get(c) in lab),
                    unlabelled=sorted(c for c in cases if groups.get(c) not in lab),
                    budget_m=len(chosen), budget_mode="explicit", patients={**split.patients, **patients_of})
+
+
+def with_labelled_cases(split: Split, cases: Sequence[str], groups: Mapping[str, str], *,
+                        no_label: Iterable[str] = (), key: str = "split.labelled") -> Split:
+    """``split`` with exactly the patients of ``cases`` labelled (every case of theirs: :func:`with_labelled`).
+
+    Each case must be a training case of ``split``: a test or validation case, one of ``no_label`` (cases without
+    a label) or a case the split does not hold is a one-line ConfigError naming the case and ``key``. A budget
+    given as a count or a fraction must equal the number of listed patients; with ``"all"`` the list sets M.
+    """
+    given, seen = [str(c) for c in cases], set()
+    if not given:
+        raise ConfigError(f"config key '{key}': the list of labelled cases is empty")
+    where = f"fold {split.fold}" if split.fold is not None else "the hold-out split"
+    no_label = set(no_label)
+    for case in given:
+        if case in seen:
+            raise ConfigError(f"config key '{key}': case {case!r} is listed twice")
+        seen.add(case)
+        if case in no_label:
+            raise ConfigError(f"config key '{key}': case {case!r} has no label, so it cannot be a labelled case")
+        try:
+            part = split.part_of(case)
+        except KeyError:
+            n = sum(len(getattr(split, p)) for p in PARTS)
+            raise ConfigError(f"config key '{key}': unknown case {case!r} (not one of the {n} labelled cases "
+                              "of the dataset)") from None
+        if part in ("test", "val"):
+            raise ConfigError(f"config key '{key}': case {case!r} is a {'test' if part == 'test' else 'validation'} "
+                              f"case of {where}; only its training cases can be labelled")
+    patients = list(dict.fromkeys(str(groups.get(c, c)) for c in given))
+    if split.budget != "all" and len(patients) != split.budget_m:
+        raise ConfigError(f"config key '{key}': {len(patients)} patient(s) listed, but split.budget={split.budget} "
+                          f"asks for M={split.budget_m}; set split.budget={len(patients)} (or all)")
+    return with_labelled(split, patients, groups)

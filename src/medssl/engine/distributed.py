@@ -61,8 +61,3 @@ def all_reduce_mean(info: DistInfo, value: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(value)
         value /= info.world
     return value
-
-
-def shutdown(info: DistInfo) -> None:
-    if info.enabled and dist.is_initialized():
-        dist.destroy_process_group()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from pathlib import Path
 
@@ -18,7 +19,8 @@ from medssl.data.augment import build_augmentation, make_generator, sample_seed
 from medssl.data.cache import SliceCache, prepare
 from medssl.data.layouts import open_dataset
 from medssl.data.patches import patch_active, random_patches
-from medssl.data.splits import Split, describe_rule, load_split, make_split, patient_groups, save_split
+from medssl.data.splits import (Split, describe_rule, load_split, make_split, patient_groups, save_split,
+                                 with_labelled_cases)
 from medssl.data.torch_data import EpochSampler, SliceDataset
 from medssl.engine.checkpoint import load_checkpoint
 from medssl.engine.distributed import DistInfo, barrier, broadcast_object, init_distributed
@@ -29,8 +31,31 @@ from medssl.errors import ConfigError, DataError
 from medssl.models import build_model, load_encoder
 
 
+def read_case_list(path: str, key: str) -> list[str]:
+    """Case ids from a file: one per line (blank lines and lines starting with ``#`` skipped), a JSON list, or
+    the ``advice.json`` of ``medssl advise`` (every case of its chosen patients)."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ConfigError(f"config key '{key}': file not found: {file}")
+    text = file.read_text(encoding="utf-8")
+    if text.lstrip()[:1] not in ("[", "{"):
+        return [s for s in (ln.strip() for ln in text.splitlines()) if s and not s.startswith("#")]
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"config key '{key}': {file}: not valid JSON: {exc.msg} (line {exc.lineno})") from None
+    if isinstance(data, dict) and isinstance(data.get("cases"), dict):  # advice.json
+        data = [c for cases in data["cases"].values() for c in (cases if isinstance(cases, list) else [cases])]
+    if not isinstance(data, list) or not all(isinstance(c, str) for c in data):
+        raise ConfigError(f"config key '{key}': {file}: expected a JSON list of case ids or an advice.json")
+    return data
+
+
 def build_split(cfg: Config, cache: SliceCache) -> Split:
-    """Split the labelled cases by patient; cases without labels only ever feed pretraining."""
+    """Split the labelled cases by patient; cases without labels only ever feed pretraining.
+
+    ``split.labelled`` (or ``split.labelled_file``) replaces the seeded draw of the labelled patients by the
+    patients of the listed training cases; test and validation parts stay those of the seeded split."""
     labelled, unlabelled_only = cache.labelled_cases, cache.unlabelled_cases
     if not labelled:
         raise DataError(f"{cache.dataset_root}: no labelled cases: fine-tuning needs at least one")
@@ -46,6 +71,10 @@ def build_split(cfg: Config, cache: SliceCache) -> Split:
                        budget_seed=cfg.split.budget_seed, budget_mode=cfg.split.budget_mode, groups=groups,
                        test_cases=test_cases,
                        rule=describe_rule(cfg.split.group_regex, cfg.split.group_file))
+    if cfg.split.labelled or cfg.split.labelled_file:
+        key = "split.labelled" if cfg.split.labelled else "split.labelled_file"
+        given = cfg.split.labelled or read_case_list(cfg.split.labelled_file, key)
+        split = with_labelled_cases(split, given, groups, no_label=unlabelled_only, key=key)
     split.unlabelled = sorted(set(split.unlabelled) | set(unlabelled_only))
     return split
 
@@ -152,6 +181,8 @@ def setup_run(cfg: Config, run: RunDir, dist: DistInfo, *, resume: bool, progres
         raise ConfigError("config key 'data.path' is empty: give the dataset folder (data.path=...)")
     cfg.data.path = str(Path(cfg.data.path).expanduser().resolve())
     cfg.data.cache_dir = str(Path(cfg.data.cache_dir).expanduser().resolve())
+    if cfg.split.labelled_file:
+        cfg.split.labelled_file = str(Path(cfg.split.labelled_file).expanduser().resolve())
     info = open_dataset(cfg.data.path, modality=cfg.data.modality)
     if dist.is_main:
         if not resume:

@@ -24,8 +24,9 @@ from medssl.engine.distributed import barrier, init_distributed
 from medssl.engine.finetune import begin_run, setup_run
 from medssl.engine.runs import RunDir
 from medssl.engine.trainer import Trainer
-from medssl.errors import ConfigError, DataError
-from medssl.methods import available_methods, build_method
+from medssl.errors import DataError
+from medssl.methods import build_method
+from medssl.methods.registry import method_class
 from medssl.methods.collapse import CollapseMonitor
 from medssl.models import build_model
 
@@ -35,9 +36,7 @@ def pretrain(cfg: Config, *, resume: bool = False, progress: bool = True) -> Pat
     run = RunDir.for_config(cfg)
     if resume:
         cfg = run.saved_config()
-    if cfg.pretrain.method not in available_methods():
-        raise ConfigError(f"pretrain.method: unknown method {cfg.pretrain.method!r}; "
-                          f"available: {', '.join(available_methods())}")
+    method_class(cfg.pretrain.method)  # an unknown method is an error before any work
     resolve_options(cfg.pretrain)  # the methods' options (pretrain.<section>) are checked before any work
     cache, split = setup_run(cfg, run, dist, resume=resume, progress=progress)
     cases = sorted(set(split.labelled) | set(split.unlabelled))

@@ -26,7 +26,7 @@ import numpy as np
 from medssl.data.atomic import write_csv, write_json
 from medssl.data.discover import VolumeItem, find_volumes, read_item
 from medssl.data.layouts import open_dataset
-from medssl.data.readers import AFFINE_TOL_MM
+from medssl.data.readers import grid_mismatch
 from medssl.errors import ConfigError, DataError
 from medssl.evaluation.metrics import aggregate, per_case_rows, volume_scores
 
@@ -58,7 +58,8 @@ def pair_cases(pred_source: str | Path, gt_source: str | Path) -> tuple[list[tup
     return [(cid, preds[cid], truth[cid]) for cid in sorted(preds)], len(set(truth) - set(preds))
 
 
-def _manifest_names(pred_dir: Path) -> dict[int, str]:
+def manifest_names(pred_dir: Path) -> dict[int, str]:
+    """Class names of ``pred_dir/predictions.json`` (``medssl predict``'s manifest); {} without one."""
     manifest = pred_dir / "predictions.json"
     if not manifest.is_file():
         return {}
@@ -113,19 +114,15 @@ def evaluate_folders(pred_dir: str | Path, gt_source: str | Path, *, labels: lis
 
     pred_path = Path(pred_dir).expanduser()
     pairs_in, unpaired = pair_cases(pred_path, gt_source)
-    names = declared_classes(gt_source) or (_manifest_names(pred_path) if pred_path.is_dir() else {})
+    names = declared_classes(gt_source) or manifest_names(pred_path)
     allowed = set(names) | {0} if names else None
     classes = _pick(labels, names, set()) if names else None  # else known once every volume was read
     scored, kept, present = [], [], set()
     for cid, p_item, t_item in tqdm(pairs_in, desc="evaluate", unit="case", disable=None if progress else True):
         pred, gt = read_item(p_item, "label"), read_item(t_item, "label")
-        if pred.shape != gt.shape:
-            raise DataError(f"{p_item.path}: shape {pred.shape} does not match ground truth {t_item.path} "
-                            f"shape {gt.shape}")
-        diff = float(np.abs(np.asarray(pred.affine) - np.asarray(gt.affine)).max())
-        if diff > AFFINE_TOL_MM:
-            raise DataError(f"{p_item.path}: affine differs from ground truth {t_item.path} "
-                            f"(max difference {diff:.4g} mm)")
+        problem = grid_mismatch(pred, gt, "prediction", "ground truth")
+        if problem:
+            raise DataError(problem)
         present |= _check_values(pred.array, allowed, str(p_item.path))
         present |= _check_values(gt.array, allowed, str(t_item.path))
         if classes is None:

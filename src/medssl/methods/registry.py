@@ -17,37 +17,39 @@ import torch
 from torch import nn
 
 from medssl.config import AugConfig, PretrainConfig, register_options, resolve_options
-from medssl.errors import ConfigError, DataError
+from medssl.errors import DataError
+from medssl.registry import Registry
 
-_METHODS: dict[str, type] = {}
+_METHODS: Registry[type] = Registry("method")
 
 
 def register_method(name: str) -> Callable[[type], type]:
     """Class decorator: make ``cls`` the pretraining method ``pretrain.method=name`` (and its options known)."""
 
     def decorator(cls: type) -> type:
-        if name in _METHODS and _METHODS[name] is not cls:
-            raise ValueError(f"pretraining method {name!r} is already registered")
-        cls.name = name
         if cls.options_cls is not None:
             register_options(cls.options_section or name, cls.options_cls)
-        _METHODS[name] = cls
+        _METHODS.add(name, cls)  # ValueError if another class holds the name
+        cls.name = name
         return cls
 
     return decorator
 
 
 def available_methods() -> list[str]:
-    return sorted(_METHODS)
+    return _METHODS.names()
+
+
+def method_class(name: str) -> type:
+    """The class of method ``name``; a ConfigError on ``pretrain.method`` listing the methods otherwise."""
+    return _METHODS.get(name, what="pretrain.method")
 
 
 def build_method(name: str, encoder: nn.Module, cfg: PretrainConfig, aug: AugConfig,
                  decoder: nn.Module | None = None) -> "PretrainMethod":
     """Build method ``name``; methods with ``uses_decoder = True`` also get the segmentation decoder."""
-    if name not in _METHODS:
-        raise ConfigError(f"pretrain.method: unknown method {name!r}; available: {', '.join(available_methods())}")
+    cls = method_class(name)
     resolve_options(cfg)
-    cls = _METHODS[name]
     if cls.uses_decoder:
         return cls(encoder, cfg, aug, decoder=decoder)
     return cls(encoder, cfg, aug)
@@ -111,7 +113,7 @@ class PretrainMethod(nn.Module):
         rows = np.asarray(rows)
         missing = sorted({str(c) for c in cache.case_ids[rows][~cache.labelled[rows]]})
         if missing:
-            free = [m for m in available_methods() if not _METHODS[m].needs_labels]
+            free = [m for m in available_methods() if not _METHODS.get(m).needs_labels]
             use = f" ({self.labels_use})" if self.labels_use else ""
             raise DataError(f"pretrain.method={self.name} needs the labels of its pretraining cases{use}; these have "
                             f"none: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} "

@@ -13,36 +13,29 @@ from medssl.errors import ConfigError
 from medssl.models.kaf.kaf_unet import build_kaf_unet
 from medssl.models.polycl_unet import build_polycl_unet
 from medssl.models.unet import SegmentationModel, build_monai_basicunet, build_unet
+from medssl.registry import Registry
 
 __all__ = ["register_backbone", "build_model", "available_backbones"]
 
 Builder = Callable[..., SegmentationModel]
-_BACKBONES: dict[str, Builder] = {}
+_BACKBONES: Registry[Builder] = Registry("backbone")
 
 
 def register_backbone(name: str) -> Callable[[Builder], Builder]:
     """Decorator registering ``fn(*, in_channels, n_classes, **kwargs) -> SegmentationModel`` under ``name``."""
-
-    def decorator(fn: Builder) -> Builder:
-        if name in _BACKBONES and _BACKBONES[name] is not fn:
-            raise ValueError(f"backbone {name!r} is already registered")
-        _BACKBONES[name] = fn
-        return fn
-
-    return decorator
+    return _BACKBONES.register(name)
 
 
 def available_backbones() -> list[str]:
     """Registered backbone names, sorted."""
-    return sorted(_BACKBONES)
+    return _BACKBONES.names()
 
 
 def build_model(name: str, *, in_channels: int, n_classes: int, **kwargs: Any) -> SegmentationModel:
     """Build the registered backbone ``name``; ConfigError for an unknown name or option."""
-    if name not in _BACKBONES:
-        raise ConfigError(f"model.backbone: unknown backbone {name!r}; available: {', '.join(available_backbones())}")
+    builder = _BACKBONES.get(name, what="model.backbone")
     try:
-        return _BACKBONES[name](in_channels=in_channels, n_classes=n_classes, **kwargs)
+        return builder(in_channels=in_channels, n_classes=n_classes, **kwargs)
     except TypeError as exc:
         if "keyword argument" not in str(exc):
             raise

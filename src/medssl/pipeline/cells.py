@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from medssl.advise.experiment import DEFAULT as DEFAULT_SELECTION
-from medssl.advise.experiment import cell_prefix, parse_selection, seed_advised_run
+from medssl.advise.experiment import advised_cases, cell_prefix, parse_selection
 from medssl.config import load_config
 from medssl.errors import ConfigError
 from medssl.pipeline.experiment_config import ExperimentConfig, MethodEntry, method_entries, select_options
@@ -46,7 +46,8 @@ def run_cell(exp: ExperimentConfig, out: Path, entry: MethodEntry, fold: int, bu
              selection: str = DEFAULT_SELECTION, step: Callable[[str], None] = _quiet) -> tuple[dict, Path]:
     """Fine-tune one cell (every ``select`` option), keep the best on validation, evaluate it on test.
 
-    A non-default ``selection`` labels the advisor's M patients instead of the seeded draw (medssl.advise)."""
+    A non-default ``selection`` labels the advisor's M patients instead of the seeded draw (medssl.advise): a new
+    run gets their cases as ``split.labelled``, a started one resumes with the split it saved."""
     from medssl.engine.finetune import finetune
     from medssl.evaluation.evaluate import evaluate_run
 
@@ -59,13 +60,14 @@ def run_cell(exp: ExperimentConfig, out: Path, entry: MethodEntry, fold: int, bu
     for i, choice in enumerate(options):
         opt_name = name + (f"-o{i}" if exp.select else "")
         run_dir = out / "cells" / opt_name
-        cfg = load_config(base, overrides=[*common, *exp.finetune, *entry.overrides, *entry.finetune, *extra,
-                                           *choice, f"output_dir={out / 'cells'}", f"name={opt_name}",
-                                           f"split.fold={fold}", f"split.budget={budget}",
-                                           f"split.budget_seed={seed}", f"train.seed={seed}"])
+        overrides = [*common, *exp.finetune, *entry.overrides, *entry.finetune, *extra, *choice,
+                     f"output_dir={out / 'cells'}", f"name={opt_name}", f"split.fold={fold}",
+                     f"split.budget={budget}", f"split.budget_seed={seed}", f"train.seed={seed}"]
+        cfg = load_config(base, overrides=overrides)
         if selection != DEFAULT_SELECTION and not (run_dir / "config.yaml").is_file():
-            seed_advised_run(cfg, run_dir, selection, _advise_features(exp, out, selection, fold), seed,
-                             out / "advise")
+            cases = advised_cases(cfg, selection, _advise_features(exp, out, selection, fold), seed,
+                                  out / "advise", out / "advise" / f"{opt_name}.csv")
+            cfg = load_config(base, overrides=[*overrides, f"split.labelled={json.dumps(cases)}"])
         what = "fine-tuning" + (f", option {i + 1} of {len(options)}" if exp.select else "")
         _run_once(finetune, run_dir, cfg, run_dir / "train_state.json", step, what)
         state = json.loads((run_dir / "train_state.json").read_text())

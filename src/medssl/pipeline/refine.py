@@ -53,9 +53,11 @@ def refine_predictions(pred_dir: str | Path, image_source: str | Path, label_sou
         raise ConfigError("refine policy 'auto' chooses per class on validation cases, but none were given")
     validation = validation() if callable(validation) else validation
     if segmenter is None:
+        from medssl.sam.engines import engine_options
         from medssl.sam.segmenter import build_segmenter
 
-        segmenter = build_segmenter(cfg.backend, checkpoint=cfg.checkpoint, device=cfg.device)
+        segmenter = build_segmenter(cfg.backend, checkpoint=cfg.checkpoint, device=cfg.device,
+                                    **engine_options(cfg.backend, cfg.engine))
     chosen, applied = None, cfg
     if cfg.policy == "auto":
         applied, chosen = auto_config(cfg, validation, data, segmenter, job, progress)

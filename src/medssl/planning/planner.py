@@ -68,16 +68,6 @@ class Planned:
     warnings: list[str]
     base: str
 
-    def as_overrides(self) -> dict:
-        tree: dict = {}
-        for key, value, _ in self.items:
-            node = tree
-            *parents, leaf = key.split(".")
-            for p in parents:
-                node = node.setdefault(p, {})
-            node[leaf] = value
-        return tree
-
 
 def plan(fp: Fingerprint, *, budget: str = "cpu", hours: float | None = None, data_path: str | None = None,
          base: str = "generic") -> Planned:

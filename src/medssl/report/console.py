@@ -1,4 +1,4 @@
-"""Console output shared by the command line, the demo and the experiment grid (rich)."""
+"""Console output shared by the command line, the demo and the experiment grid (rich tables, plain lines)."""
 
 from __future__ import annotations
 
@@ -23,6 +23,41 @@ def print_metrics(summary: dict) -> None:
                   fmt(summary["hd95_mean"], summary["hd95_sd"]), f"{summary['micro_dice']['mean']:.3f}",
                   f"{summary['slice_mean_dice']['mean']:.3f}")
     Console().print(table)
+
+
+def print_refine(result: dict, output) -> None:
+    """``medssl refine``'s result: with labels a table of 3D Dice / HD95 before -> after per class, the policy
+    chosen per class (``sam.policy=auto``), and what was written."""
+    if "per_class" in result:
+        from rich.console import Console
+        from rich.table import Table
+
+        def f(v, d=3):
+            return "–" if v is None else f"{v:.{d}f}"
+
+        table = Table(title=f"refinement: {len(result['cases'])} volume(s), 3D Dice / HD95 (mm) before -> after")
+        for col in ("class", "Dice before", "Dice after", "Δ Dice", "HD95 before", "HD95 after"):
+            table.add_column(col)
+        for name, d in result["per_class"].items():
+            table.add_row(name, f(d["dice_before"]), f(d["dice_after"]), f(d["dice_delta"]),
+                          f(d["hd95_before"], 2), f(d["hd95_after"], 2))
+        Console().print(table)
+    for name, d in result.get("policy", {}).get("classes", {}).items():
+        print(f"{name}: {d['choice']} (validation Dice keep {d['val_dice_keep']:.3f}, "
+              f"{d['best_candidate']} {d['val_dice_best']:.3f})")
+    n_boxes = sum(s["boxes"] for s in result["stats"].values())
+    print(f"refined {len(result['cases'])} volume(s) ({n_boxes} boxes) -> {output}")
+
+
+def print_propagation(info: dict, output) -> None:
+    """``medssl propagate``'s result: 3D Dice per scored prediction, why each class stopped, what was written."""
+    for name, m in info.get("metrics", {}).items():
+        dice = ", ".join(f"{c}: {v:.3f}" for c, v in m["dice"].items())
+        print(f"{name:>11}: 3D Dice mean {m['dice_mean']:.3f} ({dice})")
+    for c, by_dir in info.get("stops", {}).items():
+        print(f"class {c} stopped: " + "; ".join(f"{d} {v['reason']}" + (f" at slice {v['slice']}" if
+                                                 v["slice"] is not None else "") for d, v in by_dir.items()))
+    print(f"key slices {info['key_slices']}; wrote {output}")
 
 
 def _duration(seconds: float) -> str:

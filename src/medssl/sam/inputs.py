@@ -7,16 +7,13 @@ NIfTI files) and read by :func:`medssl.data.discover.read_item`. Every problem i
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
-import numpy as np
-
 from medssl.data.atomic import write_csv, write_json
 from medssl.data.discover import VolumeItem
-from medssl.data.layouts import normalize_modality, open_dataset
-from medssl.data.readers import AFFINE_TOL_MM
+from medssl.data.layouts import normalize_modality
+from medssl.data.readers import grid_mismatch
 from medssl.data.volume import Volume
 from medssl.errors import DataError
 
@@ -45,13 +42,9 @@ def match_cases(coarse: dict[str, VolumeItem], images: dict[str, VolumeItem],
 
 def check_pair(vol: Volume, image: Volume, what: str) -> None:
     """A label volume must have the image's canonical shape and (within 1e-3 mm) its affine."""
-    if vol.shape != image.shape:
-        raise DataError(f"{vol.source}: {what} has shape {vol.shape} but image {image.source} has shape "
-                        f"{image.shape}")
-    diff = float(np.abs(np.asarray(vol.affine) - np.asarray(image.affine)).max())
-    if diff > AFFINE_TOL_MM:
-        raise DataError(f"{vol.source}: {what} affine differs from image {image.source} (max difference "
-                        f"{diff:.4g} mm)")
+    problem = grid_mismatch(vol, image, what)
+    if problem:
+        raise DataError(problem)
 
 
 def guess_modality(image: Volume, given: str | None) -> str:
@@ -65,18 +58,10 @@ def guess_modality(image: Volume, given: str | None) -> str:
 
 def class_names_for(pred_source, image_source, label_source, present: set[int]) -> dict[int, str]:
     """Declared class names (dataset.json of the label/image source, or predictions.json), plus present ids."""
-    names: dict[int, str] = {}
-    for src in (label_source, image_source):
-        p = Path(src).expanduser() if src is not None else None
-        if p is not None and p.is_dir() and (p / "dataset.json").is_file():
-            names = dict(open_dataset(p).labels)
-            break
-    manifest = Path(pred_source).expanduser() / "predictions.json"
-    if not names and manifest.is_file():
-        try:
-            names = {int(k): str(v) for k, v in json.loads(manifest.read_text()).get("labels", {}).items()}
-        except (ValueError, AttributeError):
-            raise DataError(f"{manifest}: invalid predictions manifest") from None
+    from medssl.evaluation.folders import declared_classes, manifest_names
+
+    declared = (declared_classes(src) for src in (label_source, image_source) if src is not None)
+    names = next((n for n in declared if n), None) or manifest_names(Path(pred_source).expanduser())
     for v in range(max(set(names) | {int(p) for p in present} | {0}) + 1):  # every id up to the largest
         names.setdefault(v, "background" if v == 0 else f"class_{v}")
     return dict(sorted(names.items()))

@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -35,9 +34,7 @@ import torch
 from monai.metrics import compute_dice
 
 from medssl.errors import ConfigError
-
-from medssl.sam.policy_names import (  # noqa: F401  (re-exported)
-    DEFAULT_CANDIDATES, KEEP, POLICY_MODES, RULE, RULES, Policy, candidates_of, check_policy_options, parse_policy)
+from medssl.sam.policy_names import DEFAULT_CANDIDATES, KEEP, RULE, Policy, candidates_of, parse_policy  # noqa: F401
 from medssl.sam.refine import (RefineConfig, SlicePrediction, merge_slice, plan_refinement, predict_volume_multi,
                                sam_intensity)
 

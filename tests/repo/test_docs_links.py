@@ -127,7 +127,7 @@ def test_cited_documents_exist(path: Path) -> None:
 
 def test_scope_covers_the_cited_docs() -> None:
     names = {_rel(p) for p in FILES}
-    assert {"README.md", "docs/methods.md", "docs/protocol.md", "docs/environment.md", "docs/kaf.md",
+    assert {"README.md", "docs/methods.md", "docs/protocol.md", "docs/running.md", "docs/kaf.md",
             "docs/sam.md"} <= names
     assert any(n.startswith("src/medssl/") and n.endswith(".py") for n in names)
     assert any(n.startswith("src/medssl/configs/") for n in names)

@@ -2,7 +2,7 @@
 (docs/sam.md#sam-2-optional-user-checkpoint).
 
 Needs the optional ``sam2`` package (``pip install 'medssl[sam2]'`` in a separate environment with a
-torchvision-compatible torch, see docs/environment.md#optional-sam-2-environment; the official source is
+torchvision-compatible torch, see docs/running.md#optional-sam-2-environment; the official source is
 github.com/facebookresearch/sam2) and a user-supplied checkpoint such as ``sam2.1_hiera_tiny.pt``
 with the matching Hydra config (``configs/sam2.1/sam2.1_hiera_t.yaml``). ``sam2`` is imported
 lazily: without it a :class:`ConfigError` says what to install.

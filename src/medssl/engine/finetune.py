@@ -205,14 +205,22 @@ def begin_run(cfg: Config, run: RunDir, dist: DistInfo, split: Split, *, resume:
     barrier(dist)
 
 
+def _same_file(a: str | None, b: str | None) -> bool:
+    """Whether two init paths name the same checkpoint (a relative and an absolute path may)."""
+    if a is None or b is None:
+        return a == b
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
 def finetune(cfg: Config, *, resume: bool = False, progress: bool = True) -> Path:
     """Train a segmentation model; returns the run folder."""
     dist = init_distributed()
     run = RunDir.for_config(cfg)
     if resume:
         saved = run.saved_config()
-        if saved.train.init != cfg.train.init and cfg.train.init is not None:
-            raise ConfigError(f"--resume: the run was started with train.init={saved.train.init!r}")
+        if cfg.train.init is not None and not _same_file(saved.train.init, cfg.train.init):
+            raise ConfigError(f"--resume: the run was started with train.init={saved.train.init!r}, "
+                              f"not {cfg.train.init!r}")
         cfg = saved
     cache, split = setup_run(cfg, run, dist, resume=resume, progress=progress)
     if not split.val:

@@ -1,4 +1,4 @@
-"""SAM box refinement and single-slice propagation results (issue 5), with LiteMedSAM on CPU.
+"""SAM box refinement and single-slice propagation results, with LiteMedSAM on CPU.
 
     python benchmarks/sam_results.py refine-ct                       # CT example, degraded ground truth
     python benchmarks/sam_results.py refine-runs --runs RUN [RUN ...]  # Hippocampus fine-tuned run folders

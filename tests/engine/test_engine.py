@@ -195,3 +195,18 @@ def test_resume_before_first_checkpoint_still_applies_init(tiny_data, tmp_path, 
     ft.finetune(load_config("demo", overrides=[*base, *init, "name=killed"]), resume=True, progress=False)
     a, b = _weights(tmp_path / "fresh" / "checkpoints" / "last.pt"), _weights(killed / "checkpoints" / "last.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_accepts_the_same_init_checkpoint_by_another_path(tmp_path, monkeypatch):
+    """A grid resumed from another working directory names the same pretrained checkpoint by a relative path where
+    the run folder saved an absolute one: that is the same file, so --resume must accept it; another file is not."""
+    from medssl.engine.finetune import _same_file
+
+    ckpt = tmp_path / "pretrain" / "last.pt"
+    ckpt.parent.mkdir()
+    ckpt.write_bytes(b"x")
+    monkeypatch.chdir(tmp_path)
+    assert _same_file(str(ckpt), "pretrain/last.pt")
+    assert _same_file(str(ckpt), "./pretrain/../pretrain/last.pt")
+    assert not _same_file(str(ckpt), "other/last.pt")
+    assert _same_file(None, None) and not _same_file(None, "pretrain/last.pt")

@@ -7,7 +7,7 @@
   of skull-stripped or cropped scans does not drag the lower percentile down (all voxels
   are used when the volume is entirely zero), then either
 
-  - ``"zscore"`` (default, as in the issue and nnU-Net): subtract the mean and divide by the
+  - ``"zscore"`` (default, as in nnU-Net): subtract the mean and divide by the
     standard deviation of the clipped volume (all voxels); a constant volume gives zeros;
   - ``"minmax"`` (PolyCL's choice): scale the clipped range to [0, 1].
 

@@ -64,8 +64,9 @@ def results_table(rows: list[dict], key: str = "dice_mean", reference: str = "ra
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     if reference in methods and len(methods) > 1:
         lines += ["", f"Paired differences against '{reference}' (pairs: same fold and seed, so the same labelled "
-                  "patients): Δ = mean difference [bootstrap 95 % CI, from 3 pairs], two-sided Wilcoxon signed-rank "
-                  "p, n = pairs. The smallest possible p is 2/2^n (0.25 at 3 pairs, 0.004 at 9).", "",
+                  "patients): Δ = mean difference [percentile bootstrap 95 % CI, given from 3 pairs on], "
+                  "two-sided Wilcoxon signed-rank p, n = pairs. The smallest possible p is 2/2^n (0.25 at 3 "
+                  "pairs, 0.004 at 9).", "",
                   "| method | " + " | ".join(f"M={m}" for m in budgets) + " |", "|---|" + "---|" * len(budgets)]
         for method in methods:
             if method == reference:
@@ -92,8 +93,8 @@ def sam_table(rows: list[dict]) -> str:
     classes = [k[5:] for k in keys if k.startswith("dice_") and k != "dice_mean"]
     n = sorted({r["n_test"] for r in rows})
     lines = [f"SAM refinement of each cell's test predictions ({', '.join(map(str, n))} test volumes per cell): "
-             "per-volume 3D Dice, mean ± sd over folds × seeds; Δ = paired mean gain [bootstrap 95 % CI, from 3 "
-             "pairs], Wilcoxon p, n = pairs (worse = pairs the refinement made worse).", "",
+             "per-volume 3D Dice, mean ± sd over folds × seeds; Δ = paired mean gain [bootstrap 95 % CI, given from "
+             "3 pairs on], Wilcoxon p, n = pairs (worse = pairs the refinement made worse).", "",
              "| method | " + " | ".join(f"M={m}" for m in budgets) + " |", "|---|" + "---|" * len(budgets)]
     gains = {}
     for method in bases:

@@ -72,8 +72,8 @@ def pretrain(cfg: Config, *, resume: bool = False, progress: bool = True) -> Pat
     def loss_fn(net, batch, step):
         batch = {k: (v.to(dist.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
         g = make_generator(sample_seed(cfg.train.seed, dist.rank, step), dist.device)
-        method.set_step(step, cfg.train.epochs * steps)  # staged methods (gcl-full); net may be its DDP wrapper
-        loss, logs = method.loss(batch, g)
+        method.set_step(step, cfg.train.epochs * steps)  # staged methods (gcl-full)
+        loss, logs = net(batch, g)  # net: the method or its DDP wrapper (which averages the gradients over ranks)
         monitor(step, logs, float(loss.detach()))  # embedding spread + stuck loss: warns, then stops
         return loss, logs
 

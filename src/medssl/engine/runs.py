@@ -80,7 +80,14 @@ class RunDir:
         path = self.path / "config.yaml"
         if not path.is_file():
             raise ConfigError(f"{self.path}: no config.yaml: not a medssl run folder")
-        return config_from_dict(yaml.safe_load(path.read_text()) or {})
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
+        try:
+            return config_from_dict(data)
+        except ConfigError as exc:  # name the file: the key alone does not say which run is at fault
+            raise ConfigError(f"{path}: {exc}") from None
 
     def log(self, record: dict) -> None:
         with open(self.path / "log.jsonl", "a") as fh:

@@ -15,14 +15,12 @@ from medssl.data.atomic import write_csv, write_json, write_text
 from medssl.data.discover import find_volumes, read_item
 from medssl.data.layouts import open_dataset
 from medssl.data.readers import read_case
-from medssl.data.splits import load_split
+from medssl.data.splits import PARTS, load_split
 from medssl.data.volume import save_like
 from medssl.engine.inference import Predictor, load_predictor
 from medssl.engine.runs import RunDir
 from medssl.errors import ConfigError, DataError
 from medssl.evaluation.metrics import aggregate, per_case_rows, volume_scores
-
-PARTS = ("test", "val", "labelled", "unlabelled")
 
 
 def run_checkpoint(run_dir: str | Path, which: str = "best") -> Path:

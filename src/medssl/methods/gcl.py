@@ -23,6 +23,7 @@ from medssl.config import check_choice
 from medssl.errors import ConfigError
 from medssl.methods.collapse import spread
 from medssl.methods.losses import gcl_global_loss, gcl_partition, partition_positive_mask, supcon
+from medssl.methods.losses.gcl import REGION_FRACTIONS
 from medssl.methods.position_gate import PositionGate
 from medssl.methods.registry import register_method
 from medssl.methods.simclr import SimCLR
@@ -49,6 +50,14 @@ class GCLOptions:
         if not 0 < self.local_fraction < 1 or self.local_blocks not in (1, 2, 3, 4):
             raise ConfigError("config keys 'pretrain.gcl.local_fraction' must lie in (0, 1) and "
                               "'pretrain.gcl.local_blocks' in 1..4")
+        if not 2 <= self.local_regions <= len(REGION_FRACTIONS):  # else the local stage fails half-way
+            raise ConfigError(f"config key 'pretrain.gcl.local_regions' must lie in 2..{len(REGION_FRACTIONS)}, "
+                              f"got {self.local_regions}")
+        if not 1 <= self.local_neg < self.local_regions:
+            raise ConfigError(f"config key 'pretrain.gcl.local_neg' must lie in 1..{self.local_regions - 1} "
+                              f"(below pretrain.gcl.local_regions), got {self.local_neg}")
+        if self.local_region_size < 1:
+            raise ConfigError(f"config key 'pretrain.gcl.local_region_size' must be >= 1, got {self.local_region_size}")
 
 
 @register_method("gcl")

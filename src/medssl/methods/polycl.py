@@ -84,6 +84,10 @@ class _PolyCL(PretrainMethod):
         slab = rows[slab_mask(cache.slice_idx[rows], cache.n_slices[rows], self.opts.slab_fraction)]
         if self.needs_labels:
             self.check_labels(cache, slab)  # the engine checks it before; select_rows may be called directly
+            bad = [c for c in self.opts.target_labels if not 1 <= c < cache.n_classes]
+            if bad:  # a negative id would index from the end, one too large would be an IndexError
+                raise ConfigError(f"config key 'pretrain.polycl.target_labels': no foreground class {bad} in "
+                                  f"{cache.root} (its classes: 1..{cache.n_classes - 1})")
             cols = [c for c in (self.opts.target_labels or range(1, cache.n_classes))]
             target = cache.present[slab][:, cols].any(1)
         else:

@@ -96,6 +96,11 @@ class PretrainMethod(nn.Module):
         """One step: ``(scalar loss, {name: float})`` for a batch of cached slices."""
         raise NotImplementedError
 
+    def forward(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        """The step's loss through ``nn.Module.__call__``: the engine calls the method (or its
+        DistributedDataParallel wrapper) this way, so that under DDP the gradients are averaged over the ranks."""
+        return self.loss(batch, generator)
+
     # ------------------------------------------------------------------ hooks (no-ops by default)
     def select_rows(self, cache, rows: np.ndarray) -> np.ndarray:
         """Example selection: the cache rows to draw anchors from (default: all of ``rows``). Runs once before

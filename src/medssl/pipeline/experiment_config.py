@@ -82,10 +82,18 @@ def _resolve(path: str | Path) -> Path:
 
 def load_experiment(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
     path = _resolve(path)
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
     for item in overrides or []:
         key, _, value = item.partition("=")
-        data[key] = yaml.safe_load(value)
+        try:
+            data[key] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ConfigError(f"override '{item}': the value is not valid YAML") from None
     cfg = build_dataclass(ExperimentConfig, data, "")
     if len(cfg.seeds) < 1 or not cfg.methods or not cfg.budgets:
         raise ConfigError(f"{path}: methods, budgets and seeds must not be empty")

@@ -50,12 +50,12 @@ from medssl.data.slicing import stack_slices, volume_slices
 from medssl.errors import ConfigError
 from medssl.sam.engines import ENGINE_BACKENDS, check_engine
 from medssl.sam.inputs import check_pair, class_names_for, guess_modality, match_cases
-from medssl.sam.policy_names import check_policy_options, parse_policy
+from medssl.sam.policy_names import RULES, check_policy_options, parse_policy
 from medssl.sam.segmenter import expand_box, mask_to_box
 
 log = logging.getLogger(__name__)
 
-MERGES = ("replace", "intersect", "union")
+MERGES = RULES  # the merge rules that policy names (medssl.sam.policy_names) parse too
 BOX_MODES = ("global", "per_component")
 OVERLAPS = ("coarse", "score", "order")
 

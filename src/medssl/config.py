@@ -323,6 +323,7 @@ def validate(cfg: Config) -> None:
     }
     for key, (value, allowed) in choices.items():
         check_choice(key, value, allowed)
+    resolve_options(cfg.pretrain)  # pretrain.<section>: unknown sections and bad options (once methods registered)
     if cfg.data.size <= 0 or cfg.data.size % 16:
         raise ConfigError(f"config key 'data.size' must be a positive multiple of 16, got {cfg.data.size}")
     if cfg.data.spacing and (len(cfg.data.spacing) != 2 or not all(v > 0 for v in cfg.data.spacing)):

@@ -283,3 +283,13 @@ def test_polycl_with_a_single_scan(phantom_root, tmp_path):
                   cwd=tmp_path)
     assert_one_line_error(res, "polycl-s", "2 pretraining scans")
     assert not (runs / "one").exists()
+
+
+def test_misspelt_method_option_section_is_an_error_in_every_command(tmp_path):
+    """``pretrain.<section>.<key>`` is checked when any command loads its config, not only when a method is built:
+    ``finetune`` with a misspelt section used to accept it silently."""
+    res = run_cli("finetune", "-c", "demo", "-d", tmp_path, "pretrain.pcll.theta=0.2", cwd=tmp_path)
+    assert_one_line_error(res, "unknown config key 'pretrain.pcll'", "pcl")
+    res = run_cli("finetune", "-c", "demo", "-d", tmp_path, "pretrain.pcl.thta=0.2", cwd=tmp_path)
+    assert_one_line_error(res, "unknown config key 'pretrain.pcl.thta'", "theta")
+    assert not list(tmp_path.iterdir())

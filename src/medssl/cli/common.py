@@ -162,6 +162,8 @@ def load(config: Optional[str], overrides: list[str], *, section: str | None = N
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = value
+    import medssl.methods  # noqa: F401  (registers the methods' option sections, so pretrain.<section> is checked)
+
     return mc.load_config(config, overrides=overrides, extra=tree)
 
 

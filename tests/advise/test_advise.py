@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import yaml
 
-from medssl.advise.strategies import STRATEGIES, covering_radius, rank_patients
+from medssl.advise.strategies import STRATEGIES, distances, rank_patients
 from medssl.errors import ConfigError
 
 TINY = ["data.size=32", "model.features=8", "train.batch_size=8", "train.amp=off", "train.threads=1",
@@ -28,6 +28,11 @@ def blobs(sizes, sep=50.0, dim=4, seed=0):
     centres = rng.normal(size=(len(sizes), dim)) * sep
     x = np.concatenate([c + rng.normal(size=(n, dim)) for c, n in zip(centres, sizes)])
     return x, np.repeat(np.arange(len(sizes)), sizes)
+
+
+def covering_radius(x, chosen):
+    """Largest distance of any point to its nearest chosen point (what k-center minimises)."""
+    return float(distances(x)[:, chosen].min(axis=1).max())
 
 
 # ------------------------------------------------------------------------------------------ strategies

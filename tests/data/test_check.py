@@ -1,4 +1,4 @@
-"""Bad inputs raise one-line DataErrors naming the file; check_dataset reports every problem."""
+"""Bad inputs raise one-line DataErrors naming the file; run_check reports every problem."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medssl.data.check import Problem, check_dataset, run_check, summarize
+from medssl.data.check import Problem, run_check
 from medssl.data.layouts import open_dataset
 from medssl.data.readers import read_case, read_volume
 from medssl.errors import DataError
@@ -197,24 +197,14 @@ def test_check_reports_every_broken_case(tmp_path):
 
 def test_check_clean_and_empty(tmp_path):
     root = synth.make_msd(tmp_path / "Clean", n_cases=2, n_unlabelled=1)
-    assert check_dataset(root) == []
-    s = summarize(open_dataset(root))
-    assert (s["n_cases"], s["n_labelled"], s["n_unlabelled"]) == (3, 2, 1)
-    assert s["shape_min"] == s["shape_max"] == synth.SHAPE
-    assert s["spacing_min"] == (1.0, 1.0, 1.0)
+    result = run_check(root)
+    assert result.problems == [] and result.ok
+    assert (result.n_cases, result.n_labelled, result.n_unlabelled, result.n_read) == (3, 2, 1, 3)
     empty = tmp_path / "E"
     empty.mkdir()
     (empty / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "labels": {"background": 0}}))
-    problems = check_dataset(empty)
+    problems = run_check(empty).problems
     assert len(problems) == 1 and "no cases found" in problems[0].message
-
-
-def test_summarize_canonical_geometry_from_header(tmp_path):
-    root = synth.make_msd(tmp_path / "Las", n_cases=1, affine=synth.LAS)
-    s = summarize(open_dataset(root))
-    vol = read_volume(root / "imagesTr" / "case_000.nii.gz")
-    assert s["shape_min"] == vol.shape
-    assert s["spacing_min"] == tuple(round(v, 4) for v in vol.spacing) == (2.0, 1.5, 3.0)
 
 
 @pytest.mark.integration

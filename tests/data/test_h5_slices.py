@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from medssl.data.check import check_dataset
+from medssl.data.check import run_check
 from medssl.data.discover import find_volumes, read_item
 from medssl.data.layouts import open_dataset
 from medssl.data.readers import read_case, read_slices, read_volume
@@ -51,7 +51,7 @@ def test_slices_restack_like_the_whole_volume(tmp_path):
     assert lab.array.dtype == np.uint8 and img.array.dtype == np.float32
     # slice K of the files is slice K along the canonical slice axis
     np.testing.assert_array_equal(img.array[:, :, 10], image[10].T)
-    assert check_dataset(tmp_path / "slices") == []
+    assert run_check(tmp_path / "slices").problems == []
 
 
 def test_whole_volume_files_and_slice_groups_together(tmp_path):
@@ -93,7 +93,7 @@ def test_inconsistent_slice_shape_names_the_file(tmp_path):
         read_case(info.cases[0], info)
     msg = _one_line(exc)
     assert msg.startswith(str(files[5])) and "differs" in msg and "p1_slice_0.h5" in msg
-    problems = check_dataset(tmp_path)
+    problems = run_check(tmp_path).problems
     assert len(problems) == 1 and "p1_slice_5.h5" in str(problems[0])
 
 

@@ -14,7 +14,6 @@ from medssl.data.phantom import (
     LABELS,
     generate_case,
     phantom_affine,
-    phantom_info,
     write_phantom_dataset,
 )
 from medssl.errors import ConfigError, DataError
@@ -170,12 +169,6 @@ def test_refuses_foreign_folder_and_bad_params(tmp_path):
         write_phantom_dataset(tmp_path / "x", n_cases=0)
     with pytest.raises(ConfigError, match="shape"):
         write_phantom_dataset(tmp_path / "x", shape=(64, 64))
-
-
-def test_phantom_info_describes_defaults():
-    info = phantom_info()
-    assert info["shape"] == DEFAULT_SHAPE and info["n_cases"] == 16 and info["seed"] == 0
-    assert info["labels"] == LABELS and info["modality"] == "CT" and info["layout"] == "msd"
 
 
 def test_preview_png(cases, tmp_path):

@@ -115,13 +115,14 @@ def test_iou_threshold_keeps_coarse_and_overlap_rules():
 
 def test_empty_slice_is_never_prompted():
     seg = BoxSegmenter()
-    from medssl.sam.refine import refine_volume
+    from medssl.sam.refine import merge_volume, predict_volume
 
     coarse = np.zeros((16, 16, 5), np.uint8)
     coarse[3:9, 4:10, 1] = 1
     coarse[2:6, 2:6, 3] = 2
     image = np.random.default_rng(0).random(coarse.shape).astype(np.float32)
-    out = refine_volume(image, coarse, seg, RefineConfig(exclude=[2]), axis=2)
+    cfg = RefineConfig(exclude=[2])
+    out = merge_volume(coarse, predict_volume(image, coarse, seg, cfg, 2), cfg, 2)
     assert seg.images == 1 and seg.calls == [1]  # only slice 1 (class 2 is excluded)
     for z in (0, 2, 3, 4):
         assert np.array_equal(out[..., z], coarse[..., z])
@@ -271,7 +272,7 @@ def _untrained_run(root: Path, run_dir: Path) -> Path:
 
 def test_refine_run_glue(phantom_root, tmp_path):
     """A run's test cases are predicted, refined and scored; a rerun with the same settings reads the result back."""
-    from medssl.pipeline.sam_step import METRICS_FILE, refine_run, sam_row
+    from medssl.pipeline.sam_step import METRICS_FILE, refine_run
 
     run_dir = _untrained_run(phantom_root, tmp_path / "cell")
     seg = BoxSegmenter()
@@ -282,18 +283,21 @@ def test_refine_run_glue(phantom_root, tmp_path):
         coarse = nib.load(str(run_dir / "sam" / "coarse" / f"{case}.nii.gz"))
         refined = nib.load(str(run_dir / "sam" / "refined" / f"{case}.nii.gz"))
         assert refined.shape == coarse.shape and np.allclose(refined.affine, coarse.affine)
-    row = sam_row(res)
-    assert set(row) == {"dice_mean_coarse", "dice_mean_sam", "hd95_mean_coarse", "hd95_mean_sam"}
-    assert json.loads((run_dir / METRICS_FILE).read_text())["after"]["dice_mean"] == row["dice_mean_sam"]
+
+    def means(r):  # mean 3D Dice / HD95 before and after refinement
+        return {(w, k): r[w][k] for w in ("before", "after") for k in ("dice_mean", "hd95_mean")}
+
+    row = means(res)
+    assert json.loads((run_dir / METRICS_FILE).read_text())["after"]["dice_mean"] == row[("after", "dice_mean")]
     images = seg.images
     again = refine_run(run_dir, RefineConfig(box_mode="per_component"), segmenter=seg)  # cached
-    assert seg.images == images and sam_row(again) == row
+    assert seg.images == images and means(again) == row
     old = json.loads((run_dir / METRICS_FILE).read_text())  # written before the policy options existed
     for key in ("policy", "candidates", "auto_margin", "class_policies"):
         del old["config"][key]
     (run_dir / METRICS_FILE).write_text(json.dumps(old))
     again = refine_run(run_dir, RefineConfig(box_mode="per_component"), segmenter=seg)  # still cached
-    assert seg.images == images and sam_row(again) == row
+    assert seg.images == images and means(again) == row
     refine_run(run_dir, RefineConfig(), segmenter=seg)  # other settings: recomputed
     assert seg.images > images
 

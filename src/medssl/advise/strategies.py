@@ -161,8 +161,3 @@ def rank_patients(x: np.ndarray, m: int, strategy: str, seed: int = 0) -> Rankin
     if cluster is None:
         cluster = _nearest_chosen(d, order[:m].tolist())
     return Ranking(order=order, score=np.asarray(score, dtype=float), cluster=np.asarray(cluster, dtype=int))
-
-
-def covering_radius(x: np.ndarray, chosen: list[int]) -> float:
-    """Largest distance of any row of ``x`` to its nearest chosen row (what k-center minimises)."""
-    return float(distances(x)[:, chosen].min(axis=1).max())

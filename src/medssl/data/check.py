@@ -1,6 +1,6 @@
 """Check a whole dataset and report *every* problem (not just the first).
 
-``check_dataset`` reads each case's image and label separately (so a corrupt image does
+``run_check`` reads each case's image and label separately (so a corrupt image does
 not hide a bad label) and collects missing files, unreadable/corrupt files, wrong
 dimensionality, non-finite voxels, shape/affine mismatches, undeclared label values,
 duplicate case ids and an empty dataset. Unlabelled cases are fine (they feed pretraining).
@@ -11,10 +11,6 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import nibabel as nib
-import numpy as np
-from nibabel import orientations as nio
 
 from medssl.data.cases import Case, DatasetInfo
 from medssl.data.layouts import open_dataset
@@ -115,59 +111,6 @@ def run_check(path_or_info: str | Path | DatasetInfo, *, modality: str | None = 
     for case in info.cases:
         _check_case(case, info, result)
     return result
-
-
-def check_dataset(path_or_info: str | Path | DatasetInfo, *, modality: str | None = None) -> list[Problem]:
-    """Every problem found in the dataset (an empty list means it is usable)."""
-    return run_check(path_or_info, modality=modality).problems
-
-
-def _canonical_geometry(case: Case) -> tuple[tuple[int, ...], tuple[float, ...]] | None:
-    """(shape, spacing) in RAS order; NIfTI from the header only, other kinds by reading."""
-    path = Path(case.images[0])
-    try:
-        if case.kind == "nifti":
-            img = nib.load(str(path))
-            ornt = nio.io_orientation(img.affine)
-            axes = [int(a) for a in ornt[:, 0]]
-            order = np.argsort(axes)
-            zooms = np.sqrt((np.asarray(img.affine)[:3, :3] ** 2).sum(axis=0))
-            return tuple(int(img.shape[i]) for i in order), tuple(float(zooms[i]) for i in order)
-        vol = read_image(case)
-        return vol.shape, vol.spacing
-    except Exception:
-        return None
-
-
-def summarize(info: DatasetInfo) -> dict:
-    """Counts, modality, labels and the range of shapes and spacings (unreadable cases skipped)."""
-    shapes, spacings = [], []
-    for case in info.cases:
-        if case.n_channels != 1:
-            continue
-        geom = _canonical_geometry(case)
-        if geom is not None and len(geom[0]) >= 3:
-            shapes.append(geom[0][:3])
-            spacings.append(geom[1][:3])
-    out = {
-        "name": info.name,
-        "layout": info.layout,
-        "modality": info.modality,
-        "labels": dict(info.labels),
-        "n_cases": len(info.cases),
-        "n_labelled": sum(c.has_label for c in info.cases),
-        "n_unlabelled": sum(not c.has_label for c in info.cases),
-        "shape_min": None,
-        "shape_max": None,
-        "spacing_min": None,
-        "spacing_max": None,
-    }
-    if shapes:
-        out["shape_min"] = tuple(int(v) for v in np.min(shapes, axis=0))
-        out["shape_max"] = tuple(int(v) for v in np.max(shapes, axis=0))
-        out["spacing_min"] = tuple(round(float(v), 4) for v in np.min(spacings, axis=0))
-        out["spacing_max"] = tuple(round(float(v), 4) for v in np.max(spacings, axis=0))
-    return out
 
 
 def flip_warnings(path_or_info: str | Path | DatasetInfo, *, axis: int = 2, flip_axes=(0, 1),

@@ -8,7 +8,7 @@ Supported inputs:
     per ``<case>``, restacked by :func:`medssl.data.readers.read_slices`; a whole-volume ``<case>.h5`` wins);
   * a single ``.nii``/``.nii.gz`` (or ``.h5``) file (one case; label via ``label=``).
 
-Missing files are *not* an error here: :func:`medssl.data.check.check_dataset` reports them.
+Missing files are *not* an error here: :func:`medssl.data.check.run_check` reports them.
 """
 
 from __future__ import annotations
@@ -249,7 +249,7 @@ def _single_case_labels(label: Path | None, kind: str) -> dict[int, str]:
     try:
         values = np.unique(read_volume(label, kind=kind, role="label").array)
     except DataError:
-        return {}  # check_dataset reports the unreadable label
+        return {}  # run_check reports the unreadable label
     return {int(v): ("background" if int(v) == 0 else f"class_{int(v)}") for v in values} | {0: "background"}
 
 

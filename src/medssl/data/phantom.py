@@ -316,16 +316,3 @@ def write_phantom_dataset(
     write_json(js, meta, indent=2)
     return root
 
-
-def phantom_info() -> dict:
-    """Defaults and contents of the phantom dataset (for ``medssl demo`` and docs)."""
-    return {
-        "name": NAME, "layout": "msd", "modality": "CT", "labels": dict(LABELS),
-        "n_cases": 16, "n_unlabelled": 0, "shape": DEFAULT_SHAPE, "spacing": DEFAULT_SPACING, "seed": 0,
-        "version": GENERATOR_VERSION, "axes": "RAS+ (x: left->right, y: posterior->anterior, z: inferior->superior)",
-        "dtype": {"image": "int16 (HU)", "label": "uint8"},
-        "hu": dict(HU), "blur_sigma_voxels": BLUR_SIGMA, "noise_sigma_hu": NOISE_SIGMA,
-        "description": ("body with fat and muscle layers, soft-tissue cavity with mesenteric fat; liver (right), "
-                        "crescent spleen (left), kidneys with bright cortex in perirenal fat; unlabelled "
-                        "vertebra, paraspinal muscles, aorta, vena cava, ribs and bowel gas as distractors"),
-    }

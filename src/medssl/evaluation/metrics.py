@@ -39,7 +39,6 @@ from medssl.errors import DataError
 
 __all__ = [
     "volume_scores",
-    "slice_mean_dice",
     "micro_dice",
     "case_means",
     "aggregate",
@@ -121,20 +120,6 @@ def _by_class(d: Mapping) -> dict[int, Any]:
 
 
 # --------------------------------------------------------------------------- per volume
-def slice_mean_dice(pred: np.ndarray, gt: np.ndarray, cls: int, axis: int = 2) -> np.ndarray:
-    """Per-slice Dice of class ``cls`` with +1 smoothing along ``axis`` (PolyCL legacy).
-
-    (2Σpt + 1)/(Σp + Σt + 1): an empty GT with an empty prediction scores 1, an empty GT with
-    n false-positive pixels scores 1/(n+1). Returns one float per slice.
-    """
-    pred, gt = np.asarray(pred), np.asarray(gt)
-    if pred.shape != gt.shape:
-        raise DataError(f"prediction shape {pred.shape} does not match ground-truth shape {gt.shape}")
-    if not -pred.ndim <= axis < pred.ndim:
-        raise DataError(f"slice axis {axis} is out of range for a {pred.ndim}D volume")
-    return _slice_dice(pred == cls, gt == cls, axis % pred.ndim)
-
-
 def volume_scores(
     pred: np.ndarray, gt: np.ndarray, n_classes: int, spacing: Sequence[float] | None = None, axis: int = 2
 ) -> dict:

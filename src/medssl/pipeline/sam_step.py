@@ -1,9 +1,9 @@
 """The "+SAM" post-step of an experiment cell: predict the test cases of a fine-tuning run, refine the
 predictions with box prompts, and score both against the labels.
 
-    from medssl.pipeline.sam_step import refine_run, sam_row
+    from medssl.pipeline.sam_step import refine_run, sam_rows
     result = refine_run(run_dir)                 # -> <run>/sam/{coarse,refined}/, <run>/metrics_sam.json
-    row.update(sam_row(result))                  # dice_mean_coarse, dice_mean_sam, hd95_mean_sam, ...
+    rows = sam_rows(exp, run_dir, row)           # in an experiment: refine_run, then a coarse and a "+SAM" row
 
 A finished step (``metrics_sam.json`` present, same settings) is read back instead of recomputed, so a
 killed experiment resumes cheaply. The coarse predictions come from :func:`medssl.evaluation.evaluate.
@@ -11,7 +11,7 @@ predict_files` with the run's checkpoint -- the same predictions ``medssl evalua
 
 With ``policy="auto"`` the run's validation cases are predicted the same way (``<out>/validation/coarse``,
 :func:`run_validation`) and the policy per class is chosen on them (:mod:`medssl.sam.policy`) before the test
-cases are refined; the choice is in the result under ``"policy"`` and in :func:`sam_row`'s ``sam_policy``.
+cases are refined; the choice is in the result under ``"policy"`` and in :func:`sam_rows`' ``choice_<class>``.
 """
 
 from __future__ import annotations
@@ -111,18 +111,6 @@ def run_validation(run_dir, out_dir, *, checkpoint: str = "best", progress: bool
             stale.unlink()
     predict_files(run_checkpoint(run.path, checkpoint), saved.data.path, out, cases=val, progress=progress)
     return out, saved.data.path, saved.data.path
-
-
-def sam_row(result: dict) -> dict:
-    """Flat columns for an experiment results row: mean 3D Dice / HD95 before and after refinement."""
-    if "before" not in result:
-        return {}
-    b, a = result["before"], result["after"]
-    row = {"dice_mean_coarse": b["dice_mean"], "dice_mean_sam": a["dice_mean"],
-           "hd95_mean_coarse": b["hd95_mean"], "hd95_mean_sam": a["hd95_mean"]}
-    if "policy" in result:
-        row["sam_policy"] = " ".join(f"{name}={d['choice']}" for name, d in result["policy"]["classes"].items())
-    return row
 
 
 def sam_rows(exp: ExperimentConfig, run_dir: Path, row: dict) -> list[dict]:

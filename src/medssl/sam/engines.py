@@ -32,7 +32,6 @@ from medssl.errors import ConfigError, DataError
 ENGINES = ("auto", "eager", "compile", "int8", "onnx")
 CPU_ONLY = ("int8", "onnx")  # no accelerator path here
 FP32_ONLY = ("int8", "onnx")  # precision="bf16" (autocast) applies to eager and compile only
-CPU_KINDS = ("amx", "avx512_bf16", "avx512", "avx2", "other")
 ENGINE_BACKENDS = ("litemedsam",)  # segmenter backends that take an ``engine`` option
 INSTALL_ONNX = "pip install 'medssl[onnx]'"
 

@@ -22,7 +22,6 @@ from medssl.sam.weights import load_state_dict
 
 IMAGE_SIZE = 256  # model input (longest side after resize, padded to square)
 EMBED_SIZE = 64  # image embedding grid
-N_PARAMS = 9_791_556
 
 
 class LiteMedSAM(nn.Module):

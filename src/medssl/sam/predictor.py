@@ -110,11 +110,6 @@ def boxes_to_model(boxes: np.ndarray, shape: tuple[int, int], size: int = IMAGE_
     return b.astype(np.float32)
 
 
-def boxes_from_model(boxes: np.ndarray, shape: tuple[int, int], size: int = IMAGE_SIZE) -> np.ndarray:
-    """Inverse of :func:`boxes_to_model` (without clipping): model frame → original pixels."""
-    return (np.asarray(boxes, dtype=np.float64) * (max(shape[0], shape[1]) / size)).astype(np.float32)
-
-
 def postprocess(logits: torch.Tensor, shape: tuple[int, int], size: int = IMAGE_SIZE) -> torch.Tensor:
     """K×1×size×size logits → K×H×W logits in the original frame (crop content, bilinear resize)."""
     nh, nw = resized_shape(shape, size)

@@ -256,12 +256,6 @@ def merge_volume(coarse: np.ndarray, preds: list[SlicePrediction | None], cfg: R
     return np.ascontiguousarray(stack_slices(out, axis))
 
 
-def refine_volume(image: np.ndarray, coarse: np.ndarray, segmenter, cfg: RefineConfig, axis: int = 2
-                  ) -> np.ndarray:
-    """Refine one canonical label volume (``image`` intensity-normalised for the segmenter)."""
-    return merge_volume(coarse, predict_volume(image, coarse, segmenter, cfg, axis), cfg, axis)
-
-
 def prediction_stats(preds: list[SlicePrediction | None]) -> dict:
     ious = [float(v) for p in preds if p is not None for v in p.iou]
     return {"slices": len(preds), "slices_prompted": sum(p is not None for p in preds), "boxes": len(ious),

@@ -20,13 +20,14 @@ import gc
 import json
 import os
 import platform
-import re
 import resource
 import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from medssl.machine import describe_cpu
 
 from bench_md import measure, write_section
 
@@ -172,20 +173,6 @@ def matmul_peak(n: int, dtype_name: str, threads: int, reps: int = 15) -> float:
     return 2 * n**3 / best / 1e9
 
 
-def cpu_info() -> str:
-    """CPU model name and the SIMD/matrix features that matter for fp32/bf16 throughput."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or "unknown"
-    name = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
-    flags = re.search(r"^flags\s*:\s*(.+)$", text, re.M)
-    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
-    have = [f for f in wanted if flags and f in flags.group(1).split()]
-    logical = len(re.findall(r"^processor\s*:", text, re.M))
-    return f"{name.group(1).strip() if name else 'unknown'} ({logical} logical CPUs; {', '.join(have) or 'no AVX2'})"
-
-
 def run_all(args: argparse.Namespace) -> tuple[list[dict], dict[str, float]]:
     peaks = {d: matmul_peak(args.peak_n, d, args.threads) for d in args.dtypes}
     print(f"matmul peak (n={args.peak_n}): " + ", ".join(f"{d} {g:.1f} GFLOP/s" for d, g in peaks.items()))
@@ -275,7 +262,7 @@ optimizer and the loss stay fp32). MONAI widths are chosen to match the medssl U
 
 Command: `{cmd}`
 Date: {date}; torch {torch.__version__}, MONAI {monai_v}, Python {platform.python_version()};
-CPU: {cpu_info()}; torch threads: {args.threads}; 1-min load average before / after the run:
+CPU: {describe_cpu()}; torch threads: {args.threads}; 1-min load average before / after the run:
 {args.load[0]:.2f} / {args.load[1]:.2f} (a load near the core count before the run means other processes competed).
 
 {table}

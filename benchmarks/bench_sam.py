@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import re
 import statistics
 import sys
 import tempfile
@@ -87,13 +85,9 @@ def cpu_header() -> str:
     """CPU model, the flags that decide the engines' speed, torch's CPU capability and what ``auto`` picks."""
     import torch
 
+    from medssl.machine import describe_cpu
     from medssl.sam.engines import AUTO_ENGINE, cpu_kind
 
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    name = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
-    flags = re.search(r"^flags\s*:\s*(.+)$", text, re.M)
-    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
-    have = [f for f in wanted if flags and f in flags.group(1).split()]
     try:
         import onnxruntime
 
@@ -101,8 +95,7 @@ def cpu_header() -> str:
     except ImportError:
         ort = "onnxruntime not installed"
     kind = cpu_kind()
-    return (f"CPU: {name.group(1).strip() if name else platform.processor() or platform.machine()} "
-            f"({os.cpu_count()} logical CPUs; flags: {', '.join(have) or 'no AVX2'}); torch CPU capability "
+    return (f"CPU: {describe_cpu()}; torch CPU capability "
             f"{torch.backends.cpu.get_cpu_capability()}, CPU kind {kind} (sam.engine=auto -> {AUTO_ENGINE[kind]}); "
             f"{ort}.")
 

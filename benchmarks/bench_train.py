@@ -26,13 +26,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from medssl.machine import describe_cpu, has_bf16_units
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -51,24 +52,6 @@ CELLS = [
     ("polycl-m", "pretrain", "hippocampus_plan", ["pretrain.slab_fraction=1.0"]),
     ("kaf", "pretrain", "kaf_hippocampus", []),
 ]
-
-
-def cpu_flags() -> str:
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    flags = set()
-    model = platform.processor()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-        if line.startswith("model name"):
-            model = line.split(":", 1)[1].strip()
-    keep = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
-    return f"{model} ({os.cpu_count()} logical CPUs; {', '.join(keep)})"
-
-
-def has_bf16() -> bool:
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    return "avx512_bf16" in text or "amx_bf16" in text
 
 
 def export(rev: str, dest: Path) -> Path:
@@ -235,7 +218,7 @@ def main() -> None:
         raise SystemExit(f"{DATA} not found: this benchmark needs ../shared/data/Task04_Hippocampus")
     import torch
 
-    modes = args.modes or (["fp32", "bf16"] if has_bf16() else ["fp32"])
+    modes = args.modes or (["fp32", "bf16"] if has_bf16_units() else ["fp32"])
     tmp = Path(tempfile.mkdtemp(prefix="medssl-bench-train-"))
     phantom = tmp / "phantom"
     sys.path.insert(0, str(REPO / "src"))
@@ -246,7 +229,7 @@ def main() -> None:
              for lbl, cmd, pre, over in CELLS if not args.cells or lbl in args.cells]
     versions = {"today": export(args.base, tmp / "base"), "new": export(args.new, tmp / "new")}
     peaks = {m: mm_peak("float32" if m == "fp32" else "bfloat16") for m in modes}
-    print(f"CPU: {cpu_flags()}; torch {torch.__version__}; mm peak " +
+    print(f"CPU: {describe_cpu()}; torch {torch.__version__}; mm peak " +
           ", ".join(f"{m} {p:.0f} GFLOP/s" for m, p in peaks.items()), flush=True)
     load0 = os.getloadavg()[0]
     rows = []
@@ -277,7 +260,7 @@ def render(rows, peaks, args, load0) -> str:
     lines = [
         f"Command: `python benchmarks/bench_train.py --base {args.base} --new {args.new} --steps {args.steps}"
         f"{' --write' if args.write else ''}`",
-        f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; CPU: {cpu_flags()}; matmul peak "
+        f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; CPU: {describe_cpu()}; matmul peak "
         + ", ".join(f"{m} {p:.0f} GFLOP/s" for m, p in peaks.items())
         + f"; 1-min load average before / after: {load0:.2f} / {os.getloadavg()[0]:.2f}.",
         "",

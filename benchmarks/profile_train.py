@@ -100,7 +100,7 @@ def main() -> None:
     args = ap.parse_args()
     if not DATA.is_dir():
         raise SystemExit(f"{DATA} not found: this benchmark needs ../shared/data/Task04_Hippocampus")
-    from bench_train import cpu_flags
+    from medssl.machine import describe_cpu
     from medssl.data.phantom import write_phantom_dataset
     from medssl.engine.trainer import amp_enabled
 
@@ -116,7 +116,7 @@ def main() -> None:
     bf16 = amp_enabled(args.amp, torch.device("cpu"))
     lines = [f"Command: `python benchmarks/profile_train.py --steps {args.steps} --amp {args.amp}"
              f"{' --write' if args.write else ''}`",
-             f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; CPU: {cpu_flags()}; torch "
+             f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; CPU: {describe_cpu()}; torch "
              f"{torch.__version__}, {torch.get_num_threads()} threads; bf16 autocast {'on' if bf16 else 'off'}.",
              "", "| cell | batch | step ms (wall) | " + " | ".join(f"{p} ms" for p in PHASES)
              + " | other ms | validation ms / epoch | checkpoint ms / epoch | top operators (share of operator time) |",

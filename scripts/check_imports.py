@@ -2,7 +2,7 @@
 
     python scripts/check_imports.py
 
-The layers, lowest first: the top-level helpers (config, typed_config, errors, registry), then data, planning, models,
+The layers, lowest first: the top-level helpers (config, typed_config, errors, registry, machine), then data, planning, models,
 methods, engine, evaluation, advise, sam, report (tables, plots, the HTML report, console output), pipeline (what
 orchestrates: the experiment grid, the demo, folder-level refine/propagate), and the entry points (cli,
 __main__). A module may import its own package and anything below it; an import of a higher layer is
@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "medssl"
-LAYERS = [["config", "typed_config", "errors", "registry", "__init__"], ["data"], ["planning"], ["models"], ["methods"],
+LAYERS = [["config", "typed_config", "errors", "registry", "machine", "__init__"], ["data"], ["planning"], ["models"], ["methods"],
           ["engine"], ["evaluation"], ["advise"], ["sam"], ["report"], ["pipeline"], ["cli", "__main__"]]
 RANK = {name: i for i, names in enumerate(LAYERS) for name in names}
 

@@ -15,6 +15,7 @@ import medssl
 from medssl.config import Config, config_from_dict, dump_config
 from medssl.data.atomic import write_json, write_text
 from medssl.errors import ConfigError
+from medssl.machine import machine
 
 import yaml
 
@@ -73,7 +74,7 @@ class RunDir:
         write_json(self.path / "environment.json", {
             "kind": kind, "medssl": medssl.__version__, "torch": torch.__version__,
             "python": sys.version.split()[0], "platform": platform.platform(), "git": git_commit(),
-            "argv": sys.argv, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "argv": sys.argv, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(),
         })
 
     def saved_config(self) -> Config:

@@ -114,7 +114,7 @@ def main() -> None:
                       f"{'; '.join(machines) or 'machine not recorded'}; {hours}")
     header += ["", ""]
     (args.dest / "results.md").write_text("\n".join(header) + results_table(rows, reference=exp.get(
-        "reference", "random")) + "\n")
+        "reference", "random"), controls=exp.get("controls")) + "\n")
     save_plot(rows, args.dest / "dice_vs_m.png", reference=exp.get("reference", "random"))
     print(f"{n_cells} cells -> {args.dest}")
 

@@ -161,6 +161,19 @@ def test_paired_test_and_table():
     assert "0.600 ± 0.100" in table and "Δ +0.133" in table
 
 
+def test_table_compares_rows_with_their_own_control():
+    """``controls: {kaf-random: unet-c2}``: KAF-random is judged against the same network without KAF layers, not
+    only against the reference row; the Δ is kaf-random minus unet-c2 over the shared (fold, seed) pairs."""
+    vals = {"random": [0.5, 0.6, 0.7], "unet-c2": [0.55, 0.62, 0.66], "kaf-random": [0.50, 0.66, 0.70]}
+    rows = [{"method": m, "fold": 0, "seed": s, "M": 2, "dice_mean": v} for m, vs in vals.items()
+            for s, v in enumerate(vs)]
+    table = results_table(rows, controls={"kaf-random": "unet-c2", "missing": "random"})
+    own = table.split("own control")[1]
+    assert "| kaf-random − unet-c2 | Δ +0.010" in own and "(n=3)" in own and "missing" not in own
+    assert "| kaf-random | Δ +0.020" in table.split("own control")[0]  # against the reference as before
+    assert "own control" not in results_table(rows)
+
+
 def test_bad_experiment_files(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"methods": ["random", "nope"]}))
@@ -171,6 +184,9 @@ def test_bad_experiment_files(tmp_path):
         load_experiment(bad)
     with pytest.raises(ConfigError, match="not found"):
         load_experiment(tmp_path / "missing.yaml")
+    bad.write_text(yaml.safe_dump({"methods": ["random", "pcl"], "controls": {"pcl": "unet-c2"}}))
+    with pytest.raises(ConfigError, match=f"{bad}: controls: 'pcl: unet-c2' must name two different rows"):
+        load_experiment(bad)
 
 
 def test_method_entries_with_overrides_init_and_presets(phantom_root, tmp_path):

@@ -153,7 +153,7 @@ def run_experiment(exp: ExperimentConfig, progress_print=print, console=None) ->
     write_results(out / "results.csv", rows)
     shown = [{**r, "method": f"{r['method']} [{r['selection']}]"} if r.get("selection") not in (None, "",
              DEFAULT_SELECTION) else r for r in rows]  # a selection is its own row in the tables
-    write_text(out / "results.md", results_table(shown, reference=exp.reference) + "\n")
+    write_text(out / "results.md", results_table(shown, reference=exp.reference, controls=exp.controls) + "\n")
     save_plot(shown, out / "dice_vs_m.png", reference=exp.reference)
     if sam_rows:
         write_results(out / "results_sam.csv", sam_rows)

@@ -31,6 +31,9 @@ class ExperimentConfig:
     finetune: list[str] = field(default_factory=list)
     legacy_metrics: bool = False
     reference: str = "random"  # the row every other method is compared with (paired, same fold and seed)
+    # rows whose fair control is another row than the reference, {row: control}, e.g. {kaf-random: unet-c2}
+    # (same network without its KAF layers); results.md adds their paired differences against that control
+    controls: dict = field(default_factory=dict)
     # "+SAM" post-step (medssl.sam): refine each listed method's test predictions with LiteMedSAM box prompts
     sam_methods: list = field(default_factory=list)  # method names, or ["all"]; empty = no refinement
     sam_budgets: list = field(default_factory=list)  # budgets to refine (empty = all)
@@ -109,6 +112,10 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Exp
         raise ConfigError(f"{path}: method names must be unique, got {names}")
     if cfg.reference not in names and cfg.reference != "random":
         raise ConfigError(f"{path}: reference '{cfg.reference}' is not in methods ({', '.join(names)})")
+    for row, control in cfg.controls.items():
+        if row not in names or control not in names or row == control:
+            raise ConfigError(f"{path}: controls: '{row}: {control}' must name two different rows of methods "
+                              f"({', '.join(names)})")
     bad = [m for m in cfg.sam_methods if m != "all" and m not in names]
     if bad:
         raise ConfigError(f"{path}: sam_methods {bad} are not in methods ({', '.join(names)})")

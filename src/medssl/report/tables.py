@@ -52,13 +52,25 @@ def paired_test(rows: list[dict], method: str, m, key: str = "dice_mean", refere
     return float(diff.mean()), p, len(diff)
 
 
-def results_table(rows: list[dict], key: str = "dice_mean", reference: str = "random") -> str:
-    """Markdown: one row per method, one column per M (mean ± sd over folds x seeds), then the tests."""
+def _paired_cells(rows: list[dict], method: str, budgets: list, key: str, reference: str) -> list[str]:
+    """One table cell per M: ``Δ mean [bootstrap CI], p=…, (n=…)`` of ``method`` against ``reference``."""
+    cells = []
+    for m in budgets:
+        d, p, n = paired_test(rows, method, m, key, reference)
+        ci = bootstrap_ci(paired_diffs(rows, method, m, key, reference))
+        cells.append("–" if d is None else f"Δ {d:+.3f}" + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "")
+                     + f", p={'n/a' if p is None else f'{p:.2f}'} (n={n})")
+    return cells
+
+
+def results_table(rows: list[dict], key: str = "dice_mean", reference: str = "random",
+                  controls: dict | None = None) -> str:
+    """Markdown: one row per method, one column per M (mean ± sd over folds x seeds), then the paired tests against
+    ``reference`` and, for the rows in ``controls`` ({row: control}), against their own control row."""
     methods = list(dict.fromkeys(r["method"] for r in rows))
     budgets = sorted({r["M"] for r in rows})
-    lines = [f"Per-volume 3D Dice ({key}), mean ± sd over folds × seeds", "",
-             "| method | " + " | ".join(f"M={m}" for m in budgets) + " |",
-             "|---|" + "---|" * len(budgets)]
+    head = ["| method | " + " | ".join(f"M={m}" for m in budgets) + " |", "|---|" + "---|" * len(budgets)]
+    lines = [f"Per-volume 3D Dice ({key}), mean ± sd over folds × seeds", "", *head]
     for method in methods:
         cells = [_mean_sd([r[key] for r in rows if r["method"] == method and r["M"] == m]) for m in budgets]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
@@ -66,18 +78,15 @@ def results_table(rows: list[dict], key: str = "dice_mean", reference: str = "ra
         lines += ["", f"Paired differences against '{reference}' (pairs: same fold and seed, so the same labelled "
                   "patients): Δ = mean difference [percentile bootstrap 95 % CI, given from 3 pairs on], "
                   "two-sided Wilcoxon signed-rank p, n = pairs. The smallest possible p is 2/2^n (0.25 at 3 "
-                  "pairs, 0.004 at 9).", "",
-                  "| method | " + " | ".join(f"M={m}" for m in budgets) + " |", "|---|" + "---|" * len(budgets)]
-        for method in methods:
-            if method == reference:
-                continue
-            cells = []
-            for m in budgets:
-                d, p, n = paired_test(rows, method, m, key, reference)
-                ci = bootstrap_ci(paired_diffs(rows, method, m, key, reference))
-                cells.append("–" if d is None else f"Δ {d:+.3f}" + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "")
-                             + f", p={'n/a' if p is None else f'{p:.2f}'} (n={n})")
-            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+                  "pairs, 0.004 at 9).", "", *head]
+        lines += [f"| {method} | " + " | ".join(_paired_cells(rows, method, budgets, key, reference)) + " |"
+                  for method in methods if method != reference]
+    pairs = [(row, control) for row, control in (controls or {}).items() if row in methods and control in methods]
+    if pairs:
+        lines += ["", "Paired differences against each row's own control (the same network or init without the "
+                  "part the row adds), as above:", "", "| row − control | " + head[0][len("| method | "):], head[1]]
+        lines += [f"| {row} − {control} | " + " | ".join(_paired_cells(rows, row, budgets, key, control)) + " |"
+                  for row, control in pairs]
     return "\n".join(lines)
 
 

@@ -91,6 +91,7 @@ def main() -> None:
     write_json(args.dest / "provenance.json", prov)
     n_cells = len(rows)
     names = [m if isinstance(m, str) else m.get("name", m.get("method")) for m in exp["methods"]]
+    rows.sort(key=lambda r: names.index(r["method"]) if r["method"] in names else len(names))  # the grid's order
     header = [f"# {args.run.name}: as far as the grid got ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})", "",
               f"- {n_cells} cells of {len(names)} rows x {len(exp['budgets'])} budgets x "
               f"{len(exp['seeds'])} seeds x {len(exp['folds'])} folds; command `medssl experiment -c "

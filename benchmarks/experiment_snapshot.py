@@ -98,8 +98,8 @@ def main() -> None:
               f"{exp.get('name', args.run.name)}` (resumes)",
               f"- fine-tuning choices made on validation: {exp.get('select') or 'none'} (column `choice`)",
               "- per fold: the rows run, the commit(s), the machine, and the wall hours its run folders were being "
-              "written (overlaps counted once; includes time slowed by other jobs on the machine). Each pair of a "
-              "method and random init was trained on one machine:"]
+              "written (overlaps counted once; includes time slowed by other jobs on the machine). Where a fold "
+              "lists two machines, its pairs may mix them (e.g. bf16 and fp32 training):"]
     for fold in sorted({r["fold"] for r in rows}):
         done = [n for n in names if any(r["method"] == n and r["fold"] == fold for r in rows)]
         entries = [prov.get(f"{n}-f{fold}") for n in done]

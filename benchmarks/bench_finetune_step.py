@@ -27,8 +27,6 @@ import sys
 import time
 from pathlib import Path
 
-from medssl.machine import describe_cpu
-
 from bench_md import measure, write_section
 
 REPO = Path(__file__).resolve().parents[1]
@@ -231,6 +229,9 @@ def markdown_table(rows: list[dict], peaks: dict[str, float]) -> str:
 
 
 def section(args: argparse.Namespace, table: str) -> str:
+    _ensure_medssl_importable()
+    from medssl.machine import describe_cpu
+
     import torch
 
     cmd = "python benchmarks/bench_finetune_step.py " + shlex.join(sys.argv[1:])

@@ -42,8 +42,8 @@ def union(spans: list) -> list[list[int]]:
 
 
 def provenance(run: Path, previous: Path) -> dict:
-    """Per ``<row>-f<fold>``: the commits, the machine and the hours its run folders (pretraining and cells) took,
-    from their environment.json; entries of folders no longer on disk are kept from ``previous``."""
+    """Per ``<row>-f<fold>``: the commits, the machine and the [start, end] spans (epoch seconds) of its run folders
+    (pretraining and cells), from their environment.json and file times; entries of folders no longer on disk are kept from ``previous``."""
     out = json.loads(previous.read_text()) if previous.is_file() else {}
     found: dict[str, dict] = {}
     for env_path in sorted(run.glob("*/*/environment.json")):
@@ -64,9 +64,7 @@ def provenance(run: Path, previous: Path) -> dict:
         machine = "; ".join(sorted(e["machines"]))
         if machine == "machine not recorded" and key in out:  # run folders older than environment.json's machine
             machine = out[key]["machine"]
-        spans = union(e["t"])
-        out[key] = {"commits": sorted(e["commits"]), "machine": machine, "spans": spans,
-                    "hours": round(sum(b - a for a, b in spans) / 3600, 2)}
+        out[key] = {"commits": sorted(e["commits"]), "machine": machine, "spans": union(e["t"])}
     return dict(sorted(out.items()))
 
 
@@ -106,9 +104,8 @@ def main() -> None:
         known = [e for e in entries if e]
         commits = sorted({c for e in known for c in e["commits"]})
         machines = sorted({e["machine"] for e in known})
-        timed = [e for e in known if e.get("hours") is not None]
-        seconds = sum(b - a for a, b in union([s for e in timed for s in e.get("spans", [])]))
-        seconds += sum(e["hours"] * 3600 for e in timed if not e.get("spans"))
+        timed = [e for e in known if e.get("spans")]  # entries recorded by hand have no spans
+        seconds = sum(b - a for a, b in union([s for e in timed for s in e["spans"]]))
         hours = (f"{seconds / 3600:.1f} h" + (f" ({len(done) - len(timed)} rows not timed)" if len(timed) < len(done)
                                               else "")) if timed else "not timed"
         header.append(f"  - fold {fold}: {', '.join(done)}; commit(s) {', '.join(commits) or 'not recorded'}; "

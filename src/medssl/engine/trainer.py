@@ -26,6 +26,7 @@ from medssl.engine.checkpoint import load_checkpoint, save_checkpoint
 from medssl.engine.distributed import DistInfo, all_reduce_mean, barrier
 from medssl.engine.runs import RunDir
 from medssl.errors import TrainingError
+from medssl.machine import has_bf16_units
 
 
 @dataclass
@@ -44,7 +45,7 @@ def amp_enabled(mode: str, device: torch.device) -> bool:
         return True
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    return has_bf16_units()
 
 
 def lr_at(cfg: TrainConfig, step: int, total: int) -> float:

@@ -69,8 +69,10 @@ def results_table(rows: list[dict], key: str = "dice_mean", reference: str = "ra
     ``reference`` and, for the rows in ``controls`` ({row: control}), against their own control row."""
     methods = list(dict.fromkeys(r["method"] for r in rows))
     budgets = sorted({r["M"] for r in rows})
-    head = ["| method | " + " | ".join(f"M={m}" for m in budgets) + " |", "|---|" + "---|" * len(budgets)]
-    lines = [f"Per-volume 3D Dice ({key}), mean ± sd over folds × seeds", "", *head]
+    def head(first: str) -> list[str]:
+        return [f"| {first} | " + " | ".join(f"M={m}" for m in budgets) + " |", "|---|" + "---|" * len(budgets)]
+
+    lines = [f"Per-volume 3D Dice ({key}), mean ± sd over folds × seeds", "", *head("method")]
     for method in methods:
         cells = [_mean_sd([r[key] for r in rows if r["method"] == method and r["M"] == m]) for m in budgets]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
@@ -78,13 +80,13 @@ def results_table(rows: list[dict], key: str = "dice_mean", reference: str = "ra
         lines += ["", f"Paired differences against '{reference}' (pairs: same fold and seed, so the same labelled "
                   "patients): Δ = mean difference [percentile bootstrap 95 % CI, given from 3 pairs on], "
                   "two-sided Wilcoxon signed-rank p, n = pairs. The smallest possible p is 2/2^n (0.25 at 3 "
-                  "pairs, 0.004 at 9).", "", *head]
+                  "pairs, 0.004 at 9).", "", *head("method")]
         lines += [f"| {method} | " + " | ".join(_paired_cells(rows, method, budgets, key, reference)) + " |"
                   for method in methods if method != reference]
     pairs = [(row, control) for row, control in (controls or {}).items() if row in methods and control in methods]
     if pairs:
         lines += ["", "Paired differences against each row's own control (the same network or init without the "
-                  "part the row adds), as above:", "", "| row − control | " + head[0][len("| method | "):], head[1]]
+                  "part the row adds), as above:", "", *head("row − control")]
         lines += [f"| {row} − {control} | " + " | ".join(_paired_cells(rows, row, budgets, key, control)) + " |"
                   for row, control in pairs]
     return "\n".join(lines)

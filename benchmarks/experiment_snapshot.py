@@ -42,8 +42,9 @@ def union(spans: list) -> list[list[int]]:
 
 
 def provenance(run: Path, previous: Path) -> dict:
-    """Per ``<row>-f<fold>``: the commits, the machine and the [start, end] spans (epoch seconds) of its run folders
-    (pretraining and cells), from their environment.json and file times; entries of folders no longer on disk are kept from ``previous``."""
+    """Per ``<row>-f<fold>``: the commits, the machine and the [start, end] spans (epoch seconds) of its run
+    folders (pretraining and cells), from their environment.json and file times; entries of folders no longer on
+    disk are kept from ``previous``."""
     out = json.loads(previous.read_text()) if previous.is_file() else {}
     found: dict[str, dict] = {}
     for env_path in sorted(run.glob("*/*/environment.json")):

@@ -66,6 +66,17 @@ def test_boxes_global_and_per_component():
                                                                 min_component_px=10))
     assert [p.box.tolist() for p in prompts] == [[19, 9, 25, 14]]  # the 9-px component is too small
     assert passthrough[1].sum() == 9 and passthrough[1][2:5, 3:6].all()
+    # a speckled mask: only the max_components largest components are prompted, the rest keep their pixels
+    noisy = np.zeros((20, 30), np.uint8)
+    noisy[0:6, 0:6] = 1
+    noisy[10:14, 10:14] = 1
+    noisy[2:12:4, 20::4] = 1  # 3 x 3 = 9 single-pixel specks
+    prompts, passthrough = slice_prompts(noisy, [1], RefineConfig(box_mode="per_component", max_components=2))
+    assert [p.box.tolist() for p in prompts] == [[0, 0, 5, 5], [10, 10, 13, 13]]
+    assert passthrough[1].sum() == 9
+    assert len(slice_prompts(noisy, [1], RefineConfig(box_mode="per_component", max_components=0))[0]) == 11
+    with pytest.raises(ConfigError, match="max_components"):
+        RefineConfig(max_components=-1).validate()
 
 
 def _constructed():

@@ -71,6 +71,9 @@ class RefineConfig:
     box_pad: int = 0  # pixels added on every side of each box (original slice frame)
     min_component_px: int = 0  # components (per_component) / class masks (global) smaller than this are
     #                            not prompted and keep their coarse pixels
+    max_components: int = 8  # per_component: at most this many (the largest) per class and slice are prompted;
+    #                          the rest keep their coarse pixels (a noisy mask would otherwise cost one decoder
+    #                          pass per speck); 0 = no limit
     merge: str = "replace"  # "replace", "intersect" or "union" (see the module docstring)
     iou_threshold: float = 0.0  # keep the coarse pixels of a prompt whose predicted IoU is below this
     exclude: list[int] = field(default_factory=list)  # class ids left exactly as they are
@@ -93,8 +96,8 @@ class RefineConfig:
                               f"{self.backend!r}")
         if self.axis is not None and self.axis not in (0, 1, 2):
             raise ConfigError(f"refine option 'axis' must be 0, 1 or 2, got {self.axis}")
-        if self.box_pad < 0 or self.min_component_px < 0:
-            raise ConfigError("refine options 'box_pad' and 'min_component_px' must be >= 0")
+        if self.box_pad < 0 or self.min_component_px < 0 or self.max_components < 0:
+            raise ConfigError("refine options 'box_pad', 'min_component_px' and 'max_components' must be >= 0")
         if not 0.0 <= self.iou_threshold <= 1.0:
             raise ConfigError(f"refine option 'iou_threshold' must lie in [0, 1], got {self.iou_threshold}")
         if any(int(c) <= 0 for c in self.exclude):
@@ -152,10 +155,11 @@ def slice_prompts(labels2d: np.ndarray, classes: Sequence[int], cfg: RefineConfi
         if pol[0] == "global":
             parts = [m]
         else:
-            n, comp = cv2.connectedComponents(m.astype(np.uint8), connectivity=8)
-            parts = [comp == k for k in range(1, n)]
-        for part in parts:
-            if int(part.sum()) < cfg.min_component_px:
+            n, comp, stats, _ = cv2.connectedComponentsWithStats(m.astype(np.uint8), connectivity=8)
+            order = sorted(range(1, n), key=lambda k: -int(stats[k, cv2.CC_STAT_AREA]))  # largest first
+            parts = [comp == k for k in order]
+        for j, part in enumerate(parts):
+            if int(part.sum()) < cfg.min_component_px or (cfg.max_components and j >= cfg.max_components):
                 passthrough[c] = passthrough.get(c, np.zeros_like(m)) | part
             else:
                 prompts.append(Prompt(c, part, mask_box(part, cfg.box_pad)))

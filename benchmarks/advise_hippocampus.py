@@ -50,7 +50,8 @@ def experiment_spec(args) -> dict:
     pcl = {"name": "pcl", "method": "pcl"}
     if args.pcl_init:
         pcl["init"] = args.pcl_init
-    return {"base": args.base, "data": str(args.data), "output_dir": str(args.runs), "methods": ["random", pcl],
+    methods = [pcl if m == "pcl" else m for m in args.methods.split(",")]
+    return {"base": args.base, "data": str(args.data), "output_dir": str(args.runs), "methods": methods,
             "budgets": _ints(args.budgets), "seeds": _ints(args.seeds), "folds": _ints(args.folds),
             "pretrain": PRETRAIN, "finetune": FINETUNE, "selection": args.selections.split(","),
             "reference": "random"}
@@ -237,6 +238,7 @@ def parse(argv=None):
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "advise")
     ap.add_argument("--runs", type=Path, default=ROOT / "runs" / "advise_hippocampus")
     ap.add_argument("--selections", default=",".join(SELECTIONS))
+    ap.add_argument("--methods", default="random,pcl", help="patients: fine-tuning rows (random, pcl)")
     ap.add_argument("--budgets", default="1,2,5")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--folds", default="0,1,2")

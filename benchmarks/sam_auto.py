@@ -43,9 +43,28 @@ TINY = ["data.size=32", "model.features=8", "train.batch_size=8", "train.amp=off
         "split.n_folds=4", "split.val=1", "train.epochs=1", "train.steps_per_epoch=2"]
 
 
+def validation_table(src_dir: Path) -> str:
+    """Per (M, class): mean validation Dice over the cells of keep, fixed ``replace`` and the chosen policy
+    (from each cell's ``sam/refined/refine.json``): what the choice avoided or gained on validation."""
+    acc: dict[tuple[int, str], list[tuple[float, float, float]]] = {}
+    for f in sorted(src_dir.glob("cells/*/sam/refined/refine.json")):
+        m = int(f.parts[-4].split("-m")[1].split("-")[0])
+        for cls, rec in json.loads(f.read_text()).get("policy", {}).get("classes", {}).items():
+            v = rec["val_dice"]
+            acc.setdefault((m, cls), []).append((v["keep"], v["replace"], rec["val_dice_choice"]))
+    lines = ["Validation patients of each cell (what the choice saw): mean 3D Dice over the cells of keep (the "
+             "coarse mask), fixed `replace` and the chosen policy.", "",
+             "| M | class | cells | keep | fixed replace | chosen |", "|---|---|---|---|---|---|"]
+    for (m, cls), vals in sorted(acc.items()):
+        k, r, c = (float(np.mean([v[i] for v in vals])) for i in range(3))
+        lines.append(f"| {m} | {cls} | {len(vals)} | {k:.3f} | {r:.3f} | {c:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
 def _publish(src_dir: Path, name: str, header: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.md").write_text(header + "\n\n" + (src_dir / "results_sam.md").read_text())
+    (RESULTS / f"{name}.md").write_text(header + "\n\n" + (src_dir / "results_sam.md").read_text() + "\n"
+                                        + validation_table(src_dir))
     shutil.copyfile(src_dir / "results_sam.csv", RESULTS / f"{name}.csv")
     print(f"-> {RESULTS / name}.md", flush=True)
 

@@ -44,8 +44,9 @@ AUTO_ENGINE: dict[str, str] = {
     "avx512_bf16": "eager",  # not measured yet (e.g. AMD Zen 4 / EPYC Genoa, Intel Cooper Lake)
     "avx512": "eager",  # not measured yet
     # measured 2026-12-01 on a 2-core AMD EPYC (AVX2, benchmarks/bench_sam.py, BENCHMARKS.md): ONNX Runtime gives the
-    # same masks as fp32 eager with the encoder 26 % faster (1.23 vs 1.66 s) and 15 % less CPU time; int8 fails the
-    # mask check (min Dice 0.962). Without onnxruntime installed, auto falls back to eager.
+    # same masks as fp32 eager with the encoder 24-26 % faster (1.23 vs 1.66 s; a second run, 4 slices x 3 calls:
+    # 1.34 vs 1.76 s) and 15-18 % less CPU time; int8 fails the mask check (min Dice 0.962 / 0.943). Without
+    # onnxruntime installed, auto falls back to eager.
     "avx2": "onnx",
     "other": "eager",  # not measured yet (ARM, older x86)
 }

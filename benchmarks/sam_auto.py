@@ -27,6 +27,7 @@ import argparse
 import csv
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -48,7 +49,7 @@ def validation_table(src_dir: Path) -> str:
     (from each cell's ``sam/refined/refine.json``): what the choice avoided or gained on validation."""
     acc: dict[tuple[int, str], list[tuple[float, float, float]]] = {}
     for f in sorted(src_dir.glob("cells/*/sam/refined/refine.json")):
-        m = int(f.parts[-4].split("-m")[1].split("-")[0])
+        m = int(re.search(r"-f\d+-m(\d+)-s\d+$", f.parts[-4]).group(1))  # <method>-f<fold>-m<M>-s<seed>
         for cls, rec in json.loads(f.read_text()).get("policy", {}).get("classes", {}).items():
             v = rec["val_dice"]
             acc.setdefault((m, cls), []).append((v["keep"], v["replace"], rec["val_dice_choice"]))

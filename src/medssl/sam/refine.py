@@ -144,7 +144,8 @@ def mask_box(mask: np.ndarray, pad: float = 0) -> np.ndarray:
 
 def slice_prompts(labels2d: np.ndarray, classes: Sequence[int], cfg: RefineConfig
                   ) -> tuple[list[Prompt], dict[int, np.ndarray]]:
-    """Box prompts of one slice, and the coarse pixels of each class that are too small to prompt."""
+    """Box prompts of one slice, and per class the coarse pixels left unprompted (too small, or past
+    ``max_components``)."""
     prompts: list[Prompt] = []
     passthrough: dict[int, np.ndarray] = {}
     for c in classes:
@@ -153,16 +154,17 @@ def slice_prompts(labels2d: np.ndarray, classes: Sequence[int], cfg: RefineConfi
         if pol is None or not m.any():
             continue  # kept classes and empty coarse masks are never prompted
         if pol[0] == "global":
-            parts = [m]
+            parts = [m] if int(m.sum()) >= cfg.min_component_px else []
         else:
             n, comp, stats, _ = cv2.connectedComponentsWithStats(m.astype(np.uint8), connectivity=8)
-            order = sorted(range(1, n), key=lambda k: -int(stats[k, cv2.CC_STAT_AREA]))  # largest first
-            parts = [comp == k for k in order]
-        for j, part in enumerate(parts):
-            if int(part.sum()) < cfg.min_component_px or (cfg.max_components and j >= cfg.max_components):
-                passthrough[c] = passthrough.get(c, np.zeros_like(m)) | part
-            else:
-                prompts.append(Prompt(c, part, mask_box(part, cfg.box_pad)))
+            area = stats[:, cv2.CC_STAT_AREA]
+            big = [k for k in sorted(range(1, n), key=lambda k: -int(area[k])) if area[k] >= cfg.min_component_px]
+            parts = [comp == k for k in big[:cfg.max_components or None]]  # the largest first
+        for part in parts:
+            prompts.append(Prompt(c, part, mask_box(part, cfg.box_pad)))
+        rest = m & ~np.logical_or.reduce(parts) if parts else m
+        if rest.any():
+            passthrough[c] = rest
     return prompts, passthrough
 
 

@@ -12,7 +12,8 @@ cell once with the seeded draw and once per advisor selection (by default ``kcen
 patients is shared by the cells of one (method, fold, M, seed), so each advisor cell is paired with a seeded
 draw. ``medssl experiment`` resumes, so a killed run continues. Tables: ``patients.md`` / ``patients.csv`` --
 per method, selection and M, the mean, sd and worst test Dice over the fold x seed draws, the mean over folds
-of each fold's worst seed, and the paired difference to the seeded draw (Wilcoxon).
+of each fold's worst seed, and the paired difference to the seeded draw: per fold, with a 95 % t-interval over
+the folds (the advice is one choice per fold) and a Wilcoxon test over the fold x seed pairs.
 
 **slices** compares key-slice rules for propagation on the test volumes of fold 0 (never seen by a fold-0
 encoder): the oracles ``largest`` / ``middle`` (per class, from the full label) against the label-free
@@ -58,7 +59,11 @@ def experiment_spec(args) -> dict:
 
 
 def summarise(rows: list[dict]) -> list[dict]:
-    """Per (method, selection, M): mean / sd / worst over draws, mean of per-fold worst, paired Δ vs seeded."""
+    """Per (method, selection, M): mean / sd / worst over draws, mean of per-fold worst, paired Δ vs seeded.
+
+    The advice is one choice per fold (the seeds vary only the training), so the 95 % interval of Δ is a
+    t-interval over the folds' mean paired differences, not over the fold x seed pairs."""
+    from scipy.stats import t as student_t
     from scipy.stats import wilcoxon
 
     out = []
@@ -70,27 +75,39 @@ def summarise(rows: list[dict]) -> list[dict]:
         dice = [float(r["dice_mean"]) for r in group]
         folds = sorted({int(r["fold"]) for r in group})
         worst_fold = [min(float(r["dice_mean"]) for r in group if int(r["fold"]) == f) for f in folds]
-        diff = np.array([float(r["dice_mean"]) - seeded[(k[0], k[2], int(r["fold"]), int(r["seed"]))]
-                         for r in group if (k[0], k[2], int(r["fold"]), int(r["seed"])) in seeded], dtype=float)
-        p = float(wilcoxon(diff).pvalue) if k[1] != "seeded" and len(diff) > 1 and np.any(diff != 0) else None
-        out.append({"method": k[0], "selection": k[1], "M": k[2], "n": len(dice), "mean": statistics.mean(dice),
-                    "sd": statistics.stdev(dice) if len(dice) > 1 else 0.0, "worst": min(dice),
-                    "mean_fold_worst": statistics.mean(worst_fold),
-                    "delta_vs_seeded": float(diff.mean()) if k[1] != "seeded" and len(diff) else None, "p": p})
+        pairs = [(int(r["fold"]), float(r["dice_mean"]) - seeded[(k[0], k[2], int(r["fold"]), int(r["seed"]))])
+                 for r in group if (k[0], k[2], int(r["fold"]), int(r["seed"])) in seeded]
+        diff = np.array([d for _, d in pairs], dtype=float)
+        per_fold = np.array([np.mean([d for f, d in pairs if f == g]) for g in sorted({f for f, _ in pairs})])
+        paired = k[1] != "seeded" and len(diff) > 0
+        p = float(wilcoxon(diff).pvalue) if paired and len(diff) > 1 and np.any(diff != 0) else None
+        ci = (None, None)
+        if paired and len(per_fold) > 1:
+            half = student_t.ppf(0.975, len(per_fold) - 1) * per_fold.std(ddof=1) / np.sqrt(len(per_fold))
+            ci = (float(per_fold.mean() - half), float(per_fold.mean() + half))
+        out.append({"method": k[0], "selection": k[1], "M": k[2], "n": len(dice), "folds": len(folds),
+                    "mean": statistics.mean(dice), "sd": statistics.stdev(dice) if len(dice) > 1 else 0.0,
+                    "worst": min(dice), "mean_fold_worst": statistics.mean(worst_fold),
+                    "delta_vs_seeded": float(diff.mean()) if paired else None,
+                    "fold_deltas": " ".join(f"{d:+.3f}" for d in per_fold) if paired else "",
+                    "ci_low": ci[0], "ci_high": ci[1], "p": p})
     return out
 
 
 def patients_table(summary: list[dict]) -> str:
     lines = ["Per-volume 3D Dice on the test fold; draws = folds x seeds. worst = lowest draw; fold-worst = mean over "
              "folds of each fold's lowest seed; Δ = paired mean difference to the seeded draw of the same "
-             "(method, fold, M, seed), two-sided Wilcoxon p.", "",
-             "| method | selection | M | n | mean ± sd | worst | fold-worst | Δ vs seeded | p |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "(method, fold, M, seed); per fold = each fold's mean Δ; 95 % CI = t-interval over those fold means "
+             "(the advice is one choice per fold); p = two-sided Wilcoxon over the fold x seed pairs.", "",
+             "| method | selection | M | folds | n | mean ± sd | worst | fold-worst | Δ vs seeded | per fold | 95 % CI "
+             "| p |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in summary:
         d = "–" if s["delta_vs_seeded"] is None else f"{s['delta_vs_seeded']:+.3f}"
-        p = "–" if s["p"] is None else f"{s['p']:.2f}"
-        lines.append(f"| {s['method']} | {s['selection']} | {s['M']} | {s['n']} | {s['mean']:.3f} ± {s['sd']:.3f} "
-                     f"| {s['worst']:.3f} | {s['mean_fold_worst']:.3f} | {d} | {p} |")
+        ci = "–" if s["ci_low"] is None else f"[{s['ci_low']:+.3f}, {s['ci_high']:+.3f}]"
+        p = "–" if s["p"] is None else f"{s['p']:.2g}"
+        lines.append(f"| {s['method']} | {s['selection']} | {s['M']} | {s['folds']} | {s['n']} "
+                     f"| {s['mean']:.3f} ± {s['sd']:.3f} | {s['worst']:.3f} | {s['mean_fold_worst']:.3f} | {d} "
+                     f"| {s['fold_deltas'] or '–'} | {ci} | {p} |")
     return "\n".join(lines)
 
 

@@ -151,4 +151,8 @@ def test_slice_benchmark_runs_on_the_phantom(phantom_root, tmp_path):
     assert summary["seeded"]["worst"] == pytest.approx(0.2) and summary["facility@pcl"]["worst"] == pytest.approx(0.55)
     assert summary["facility@pcl"]["delta_vs_seeded"] == pytest.approx((0.35 + 5 * 0.05) / 6)  # 0.55 - 0.2 once
     assert summary["seeded"]["mean_fold_worst"] == pytest.approx((0.2 + 0.5) / 2)
-    assert "| random | facility@pcl | 1 | 6 |" in bench.patients_table(list(summary.values()))
+    fac = summary["facility@pcl"]
+    assert fac["fold_deltas"] == "+0.150 +0.050" and summary["seeded"]["ci_low"] is None
+    half = 12.7062 * np.std([0.15, 0.05], ddof=1) / np.sqrt(2)  # t(0.975, 1 df) over the 2 fold means
+    assert (fac["ci_low"], fac["ci_high"]) == pytest.approx((0.1 - half, 0.1 + half), abs=1e-4)
+    assert "| random | facility@pcl | 1 | 2 | 6 |" in bench.patients_table(list(summary.values()))

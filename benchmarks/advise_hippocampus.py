@@ -111,6 +111,51 @@ def patients_table(summary: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def patients_plot(rows: list[dict], path: Path) -> None:
+    """One panel per fine-tuning method: each draw's test Dice, seeded (left) and advised (right) per M, a thin
+    line joining each paired (fold, seed); colour = fold."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from medssl.data import atomic
+
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    budgets = sorted({int(r["M"]) for r in rows})
+    advised = [s for s in dict.fromkeys(r.get("selection") or "seeded" for r in rows) if s != "seeded"]
+    folds = sorted({int(r["fold"]) for r in rows})
+    colour = {f: plt.get_cmap("tab10")(i) for i, f in enumerate(folds)}
+    dice = {(r["method"], r.get("selection") or "seeded", int(r["M"]), int(r["fold"]), int(r["seed"])):
+            float(r["dice_mean"]) for r in rows}
+    fig, axes = plt.subplots(1, len(methods), figsize=(4.5 * len(methods), 4), sharey=True, squeeze=False)
+    for ax, method in zip(axes[0], methods):
+        for i, m in enumerate(budgets):
+            for (meth, sel, mm, f, s), d in dice.items():
+                if meth != method or mm != m:
+                    continue
+                if sel == "seeded":
+                    ax.scatter(i - 0.2, d, color=colour[f], marker="o", s=22)
+                else:
+                    x = i + 0.2 * (1 + advised.index(sel))
+                    ax.scatter(x, d, color=colour[f], marker="*", s=60)
+                    if (meth, "seeded", mm, f, s) in dice:
+                        ax.plot([i - 0.2, x], [dice[(meth, "seeded", mm, f, s)], d], color=colour[f], lw=0.6,
+                                alpha=0.6)
+        ax.set_xticks(range(len(budgets)), [f"M = {m}" for m in budgets])
+        ax.set_title(f"{method} init: seeded (o) vs {', '.join(advised)} (*)", fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].set_ylabel("test Dice (mean over the test volumes)")
+    handles = [plt.Line2D([], [], color=colour[f], marker="o", ls="", label=f"fold {f}") for f in folds]
+    axes[0][-1].legend(handles=handles, fontsize=8, loc="lower right")
+    fig.tight_layout()
+    try:
+        with atomic.atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
+    finally:
+        plt.close(fig)
+
+
 def run_patients(args) -> None:
     from medssl.pipeline.experiment import load_experiment, read_results, run_experiment
 
@@ -125,6 +170,7 @@ def run_patients(args) -> None:
     summary = summarise(rows)
     write_csv(args.out / "patients.csv", summary)
     (args.out / "patients.md").write_text(patients_table(summary) + "\n")
+    patients_plot(rows, args.out / "patients.png")
     print(patients_table(summary))
 
 

@@ -156,3 +156,5 @@ def test_slice_benchmark_runs_on_the_phantom(phantom_root, tmp_path):
     half = 12.7062 * np.std([0.15, 0.05], ddof=1) / np.sqrt(2)  # t(0.975, 1 df) over the 2 fold means
     assert (fac["ci_low"], fac["ci_high"]) == pytest.approx((0.1 - half, 0.1 + half), abs=1e-4)
     assert "| random | facility@pcl | 1 | 2 | 6 |" in bench.patients_table(list(summary.values()))
+    bench.patients_plot(fake, tmp_path / "b" / "patients.png")
+    assert (tmp_path / "b" / "patients.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

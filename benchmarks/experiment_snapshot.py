@@ -41,10 +41,34 @@ def union(spans: list) -> list[list[int]]:
     return out
 
 
+IDLE_GAP_S = 3600  # nothing written this long, outside a running process, is idle time (killed, resumed later)
+EVENTS = re.compile(r"^events\.out\.tfevents\.(?P<start>\d+)\.")  # TensorBoard: one file per process, named by its start
+
+
+def active_spans(files: list[tuple[str, float]], gap: float = IDLE_GAP_S) -> list[list[int]]:
+    """(name, mtime) of one run folder's files → the [start, end] spans it was being written. A TensorBoard event
+    file covers its process from the start time in its name to its last write (a long epoch writes nothing else);
+    other files are points. Spans further apart than ``gap`` stay apart, so a cell killed at a session's end and
+    resumed the next day does not count the night."""
+    parts = []
+    for name, t in files:
+        m = EVENTS.match(name)
+        parts.append([min(int(m["start"]), t), t] if m else [t, t])
+    out: list[list[int]] = []
+    for a, b in sorted(parts):
+        if out and a - out[-1][1] <= gap:
+            out[-1][1] = max(out[-1][1], round(b))
+        else:
+            out.append([round(a), round(b)])
+    return out
+
+
 def provenance(run: Path, previous: Path) -> dict:
     """Per ``<row>-f<fold>``: the commits, the machine and the [start, end] spans (epoch seconds) of its run
-    folders (pretraining and cells), from their environment.json and file times; entries of folders no longer on
-    disk are kept from ``previous``."""
+    folders (pretraining and cells), from their environment.json and file times (:func:`active_spans`); entries of
+    folders no longer on disk are kept from ``previous``. An earlier entry recorded by hand (no spans: its folders
+    were gone) is merged with, not replaced by, folders found later under the same name (e.g. a pretraining redone
+    for another benchmark): its cells came from the recorded run."""
     out = json.loads(previous.read_text()) if previous.is_file() else {}
     found: dict[str, dict] = {}
     for env_path in sorted(run.glob("*/*/environment.json")):
@@ -58,14 +82,21 @@ def provenance(run: Path, previous: Path) -> dict:
         entry["commits"].add(str(git.get("commit") or "unknown")[:12] + (" (dirty)" if git.get("dirty") else ""))
         entry["machines"].add(f"{cpu['model']} ({cpu['logical_cpus']} CPUs; {', '.join(cpu['features'])})" if cpu
                               else "machine not recorded")
-        stamps = [p.stat().st_mtime for p in env_path.parent.rglob("*")  # overlays may be redrawn later
-                  if p.is_file() and "overlays" not in p.relative_to(env_path.parent).parts]
-        entry["t"].append([round(min(stamps)), round(max(stamps))])
+        files = [(p.name, p.stat().st_mtime) for p in env_path.parent.rglob("*")  # overlays may be redrawn later
+                 if p.is_file() and "overlays" not in p.relative_to(env_path.parent).parts]
+        entry["t"] += active_spans(files)
     for key, e in found.items():
         machine = "; ".join(sorted(e["machines"]))
-        if machine == "machine not recorded" and key in out:  # run folders older than environment.json's machine
-            machine = out[key]["machine"]
-        out[key] = {"commits": sorted(e["commits"]), "machine": machine, "spans": union(e["t"])}
+        before = out.get(key, {})
+        if machine == "machine not recorded" and before:  # run folders older than environment.json's machine
+            machine = before["machine"]
+        commits = sorted(e["commits"])
+        if before and not before.get("spans") and "later_folders" not in before:  # recorded by hand: keep, add
+            out[key] = {**before, "later_folders": {"commits": commits, "machine": machine, "spans": union(e["t"])}}
+        elif "later_folders" in before:
+            out[key]["later_folders"] = {"commits": commits, "machine": machine, "spans": union(e["t"])}
+        else:
+            out[key] = {"commits": commits, "machine": machine, "spans": union(e["t"])}
     return dict(sorted(out.items()))
 
 
@@ -109,8 +140,11 @@ def main() -> None:
         seconds = sum(b - a for a, b in union([s for e in timed for s in e["spans"]]))
         hours = (f"{seconds / 3600:.1f} h" + (f" ({len(done) - len(timed)} rows not timed)" if len(timed) < len(done)
                                               else "")) if timed else "not timed"
+        later = [n for n, e in zip(done, entries) if e and "later_folders" in e]
+        rerun = (f"; run folders found later under the names of {', '.join(later)} (recorded in provenance.json as "
+                 "later_folders) are re-runs, not the recorded cells' sources") if later else ""
         header.append(f"  - fold {fold}: {', '.join(done)}; commit(s) {', '.join(commits) or 'not recorded'}; "
-                      f"{'; '.join(machines) or 'machine not recorded'}; {hours}")
+                      f"{'; '.join(machines) or 'machine not recorded'}; {hours}{rerun}")
     header += ["", ""]
     (args.dest / "results.md").write_text("\n".join(header) + results_table(rows, reference=exp.get(
         "reference", "random"), controls=exp.get("controls")) + "\n")

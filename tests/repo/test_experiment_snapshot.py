@@ -62,3 +62,27 @@ def test_snapshot_header_names_commits_and_machines_per_fold(tmp_path):
     assert set(prov) == {"random-f0", "pcl-f0", "random-f1", "pcl-f1"}
     assert yaml.safe_load((dest / "experiment.yaml").read_text())["folds"] == [0, 1]
     assert (dest / "dice_vs_m.png").stat().st_size > 0
+
+
+def test_active_spans_split_idle_nights_and_hand_records_are_kept(tmp_path):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from experiment_snapshot import active_spans, provenance
+
+    day = 86400
+    pts = [("config.yaml", 0), ("events.out.tfevents.20.host.name.1.0", 100), ("log.jsonl", day + 60),
+           ("events.out.tfevents.86390.host.2.0", day + 50)]
+    assert active_spans(pts) == [[0, 100], [day - 10, day + 60]]  # killed, resumed the next day: the night is idle
+    long_run = [("config.yaml", 0), ("events.out.tfevents.0.host.1.0", 3 * day), ("last.pt", 3 * day + 5)]
+    assert active_spans(long_run) == [[0, 3 * day + 5]]  # one long process writing only at its end counts whole
+    assert active_spans([("x", 5.4)]) == [[5, 5]]
+    run = tmp_path / "run"
+    _cell(run, "pcl-f0", "e" * 40, {"model": "New CPU", "logical_cpus": 2, "features": ["avx2"]})
+    previous = tmp_path / "provenance.json"  # pcl-f0's cells came from a folder that is gone: recorded by hand
+    previous.write_text(json.dumps({"pcl-f0": {"commits": ["d" * 12], "machine": "old machine (by hand)"}}))
+    prov = provenance(run, previous)
+    assert prov["pcl-f0"]["commits"] == ["d" * 12] and prov["pcl-f0"]["machine"] == "old machine (by hand)"
+    assert prov["pcl-f0"]["later_folders"]["commits"] == ["e" * 12]
+    assert "New CPU" in prov["pcl-f0"]["later_folders"]["machine"]
+    previous.write_text(json.dumps(prov))  # a second snapshot keeps the hand record and updates the later folders
+    again = provenance(run, previous)
+    assert again["pcl-f0"]["commits"] == ["d" * 12] and again["pcl-f0"]["later_folders"] == prov["pcl-f0"]["later_folders"]

@@ -44,7 +44,8 @@ class Budget:
 
 
 BUDGETS = {
-    # 101 ms per step of 16 x 64^2 at f=16 on 2 cores with bf16 (BENCHMARKS.md, fine-tuning reference row)
+    # 101 ms per step of 16 x 64^2 at f=16 on 2 cores with bf16: the fine-tuning reference row of
+    # benchmarks/bench_pretrain.py on a quiet machine (the table now in BENCHMARKS.md, 184 ms, ran beside other jobs)
     "cpu": Budget(16, 256, 128, 16 * 64 * 64, 0.101 / (16 * 64 * 64), 0.25,
                   "2 CPU cores: 101 ms per step of 16 x 64^2 at f=16 (BENCHMARKS.md)"),
     # an estimate for one current GPU with bf16: about 50x the 2-core CPU; scripts/gpu_check.sh measures it

@@ -11,7 +11,7 @@ Per scale l (stride 2^(l-1)), for B samples with up to N keypoints each (``valid
    deterministic, unlike the released code's last write wins), or average with ``collision="mean"``.
    Then +b1 -> BN -> ReLU -> Conv3x3 64->C_l,
    also sparse: only the cells the keypoints reach differ from one constant (see :meth:`KAFLayer.diffuse`),
-   so no 64-channel map is built either (3x less peak memory than the dense layer at 128², BENCHMARKS.md).
+   so no 64-channel map is built either (3.9-4.7x less peak memory than the dense layer, BENCHMARKS.md).
 5. output Concat(F_l, D_l(S_l)) (2·C_l channels) and S_l (B, N, D).
 
 Point-wise layers (the paper's Conv1d with kernel 1) run on the *packed* valid keypoints (M, C), so

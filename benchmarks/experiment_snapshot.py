@@ -30,11 +30,12 @@ from medssl.report.tables import results_table, save_plot
 FOLDER = re.compile(r"^(?P<row>.+)-f(?P<fold>\d+)(?:-m\d+-s\d+(?:-o\d+)?)?$")
 
 
-def union(spans: list) -> list[list[int]]:
-    """Overlapping [start, end] intervals merged (the hours a set of run folders took, each counted once)."""
+def union(spans: list, gap: float = 0) -> list[list[int]]:
+    """[start, end] intervals merged where they overlap or lie at most ``gap`` apart (the hours a set of run folders
+    took, each counted once)."""
     out: list[list[int]] = []
     for a, b in sorted(spans):
-        if out and a <= out[-1][1]:
+        if out and a - out[-1][1] <= gap:
             out[-1][1] = max(out[-1][1], b)
         else:
             out.append([a, b])
@@ -53,14 +54,8 @@ def active_spans(files: list[tuple[str, float]], gap: float = IDLE_GAP_S) -> lis
     parts = []
     for name, t in files:
         m = EVENTS.match(name)
-        parts.append([min(int(m["start"]), t), t] if m else [t, t])
-    out: list[list[int]] = []
-    for a, b in sorted(parts):
-        if out and a - out[-1][1] <= gap:
-            out[-1][1] = max(out[-1][1], round(b))
-        else:
-            out.append([round(a), round(b)])
-    return out
+        parts.append([round(min(int(m["start"]), t)) if m else round(t), round(t)])
+    return union(parts, gap)
 
 
 def provenance(run: Path, previous: Path) -> dict:
@@ -90,13 +85,9 @@ def provenance(run: Path, previous: Path) -> dict:
         before = out.get(key, {})
         if machine == "machine not recorded" and before:  # run folders older than environment.json's machine
             machine = before["machine"]
-        commits = sorted(e["commits"])
-        if before and not before.get("spans") and "later_folders" not in before:  # recorded by hand: keep, add
-            out[key] = {**before, "later_folders": {"commits": commits, "machine": machine, "spans": union(e["t"])}}
-        elif "later_folders" in before:
-            out[key]["later_folders"] = {"commits": commits, "machine": machine, "spans": union(e["t"])}
-        else:
-            out[key] = {"commits": commits, "machine": machine, "spans": union(e["t"])}
+        now = {"commits": sorted(e["commits"]), "machine": machine, "spans": union(e["t"])}
+        hand_record = before and not before.get("spans")  # its folders were gone: keep it, file these beside it
+        out[key] = {**before, "later_folders": now} if hand_record else now
     return dict(sorted(out.items()))
 
 
@@ -141,8 +132,8 @@ def main() -> None:
         hours = (f"{seconds / 3600:.1f} h" + (f" ({len(done) - len(timed)} rows not timed)" if len(timed) < len(done)
                                               else "")) if timed else "not timed"
         later = [n for n, e in zip(done, entries) if e and "later_folders" in e]
-        rerun = (f"; run folders found later under the names of {', '.join(later)} (recorded in provenance.json as "
-                 "later_folders) are re-runs, not the recorded cells' sources") if later else ""
+        rerun = (f"; run folders of {', '.join(later)} on disk were written after the hand-recorded runs "
+                 "(provenance.json: later_folders)") if later else ""
         header.append(f"  - fold {fold}: {', '.join(done)}; commit(s) {', '.join(commits) or 'not recorded'}; "
                       f"{'; '.join(machines) or 'machine not recorded'}; {hours}{rerun}")
     header += ["", ""]

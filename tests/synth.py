@@ -97,6 +97,24 @@ def make_msd(
     return root
 
 
+def make_msd_multichannel(root: str | Path, n_cases: int = 4, *, shape=SHAPE, informative: int = 1,
+                           channels: tuple[str, ...] = ("T2", "ADC")) -> Path:
+    """MSD folder of 4D images (X, Y, Z, C), as MSD Prostate/BrainTumour: only channel ``informative`` shows the
+    labels (the blob image); the others are noise. Channel k's noise has mean 10 * k, so channels are told apart."""
+    root = Path(root)
+    make_msd(root, n_cases, shape=shape, modality=channels[0])
+    meta = json.loads((root / "dataset.json").read_text())
+    meta["modality"] = {str(k): name for k, name in enumerate(channels)}
+    (root / "dataset.json").write_text(json.dumps(meta, indent=1))
+    for i in range(n_cases):
+        image, _ = blob_pair(shape, seed=i)
+        rng = np.random.default_rng(1000 + i)
+        stack = [image if k == informative else rng.normal(10.0 * k, 5.0, size=shape).astype(np.float32)
+                 for k in range(len(channels))]
+        write_nifti(root / "imagesTr" / f"case_{i:03d}.nii.gz", np.stack(stack, axis=-1))
+    return root
+
+
 def make_nnunetv2(
     root: str | Path,
     n_cases: int = 2,

@@ -27,6 +27,7 @@ from medssl.typed_config import yaml_load as _yaml_load
 class DataConfig:
     path: str = ""  # dataset folder (MSD, nnU-Net v2, DICOM series, HDF5 folder)
     modality: str | None = None  # override dataset.json ("CT" or "MRI")
+    channel: int = 0  # the input channel of a multi-channel dataset (MSD 4D image, nnU-Net v2 _0000/_0001 files)
     axis: int = 2  # slicing axis in canonical RAS orientation (2 = axial)
     size: int = 64  # target in-plane size (square); must be divisible by 16
     fit: str = "pad"  # "pad": pad (downscale only if larger); "resize": scale to fit, keep aspect, pad

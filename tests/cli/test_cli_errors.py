@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from medssl.errors import ConfigError
-from synth import blob_pair, make_msd, truncate_file, write_corrupt_gz, write_nifti
+from synth import blob_pair, make_msd, make_msd_multichannel, truncate_file, write_corrupt_gz, write_nifti
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -293,3 +293,9 @@ def test_misspelt_method_option_section_is_an_error_in_every_command(tmp_path):
     res = run_cli("finetune", "-c", "demo", "-d", tmp_path, "pretrain.pcl.thta=0.2", cwd=tmp_path)
     assert_one_line_error(res, "unknown config key 'pretrain.pcl.thta'", "theta")
     assert not list(tmp_path.iterdir())
+
+
+def test_unknown_channel(tmp_path):
+    root = make_msd_multichannel(tmp_path / "P", n_cases=1)
+    res = run_cli("check", "--data", root, "data.channel=5", cwd=tmp_path)
+    assert_one_line_error(res, "data.channel=5", "has 2 channels (0: T2, 1: ADC)")

@@ -111,9 +111,15 @@ def test_2d_image(tmp_path):
 
 
 def test_4d_image(tmp_path):
-    path = synth.write_nifti(tmp_path / "multi.nii.gz", np.zeros((5, 4, 3, 2), dtype=np.float32))
+    data = np.stack([np.zeros((5, 4, 3)), np.ones((5, 4, 3))], axis=-1).astype(np.float32)
+    path = synth.write_nifti(tmp_path / "multi.nii.gz", data)
+    assert read_volume(path).shape == (5, 4, 3) and read_volume(path).array.max() == 0  # channel 0
+    assert read_volume(path, channel=1).array.min() == 1
     with pytest.raises(DataError) as exc:
-        read_volume(path)
+        read_volume(path, channel=2)
+    assert "channel 2 asked for (data.channel), but the image has 2" in _one_line(exc, "multi.nii.gz")
+    with pytest.raises(DataError) as exc:  # a label map has no channels
+        read_volume(path, role="label")
     assert "expected a 3D volume, got shape (5, 4, 3, 2)" in _one_line(exc, "multi.nii.gz")
     # a singleton 4th dimension is squeezed and round-trips to the stored 3D geometry
     single = synth.write_nifti(tmp_path / "single.nii.gz", np.ones((5, 4, 3, 1), dtype=np.float32), synth.LAS)

@@ -85,14 +85,18 @@ def test_nnunetv2_synthetic(tmp_path):
     np.testing.assert_allclose(image.array, ref_image)
 
 
-def test_nnunetv2_multichannel_grouped_and_rejected(tmp_path):
+def test_nnunetv2_multichannel_grouped(tmp_path):
     root = synth.make_nnunetv2(tmp_path / "D", n_cases=1, n_test=0)
     image, _ = synth.blob_pair(seed=3)
     synth.write_nifti(root / "imagesTr" / "pat00_0001.nii.gz", image)
+    meta = json.loads((root / "dataset.json").read_text())
+    meta["channel_names"] = {"0": "T2", "1": "ADC"}
+    (root / "dataset.json").write_text(json.dumps(meta))
     info = open_dataset(root)
     assert len(info.cases) == 1 and len(info.cases[0].images) == 2
-    with pytest.raises(DataError, match="multi-channel"):
-        read_case(info.cases[0], info)
+    assert read_case(info.cases[0], info)[0].array.shape == image.shape  # channel 0 by default
+    second = open_dataset(root, channel=1)
+    np.testing.assert_allclose(read_case(second.cases[0], second)[0].array, image)
 
 
 def test_nnunetv2_region_labels_rejected(tmp_path):

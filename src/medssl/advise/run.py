@@ -170,14 +170,14 @@ def run_advise(cfg, *, budget: int, strategy: str = "typical", init: str | None 
     but the checkpoint's fit to the model before the slice cache is built.
     """
     from medssl.data.cache import prepare
-    from medssl.data.layouts import open_dataset
+    from medssl.data.layouts import open_data
     from medssl.engine.checkpoint import load_checkpoint
 
     check_request(budget, strategy, init, seed)
     if not cfg.data.path:
         raise ConfigError("config key 'data.path' is empty: give the dataset folder (--data)")
     warnings, model = [], None
-    info = open_dataset(cfg.data.path, modality=cfg.data.modality)
+    info = open_data(cfg.data)
     if init is not None:
         init = str(Path(init).expanduser().resolve())
         warnings = check_checkpoint_data(load_checkpoint(init)["meta"], cfg.data)

@@ -71,12 +71,14 @@ def check(ctx: typer.Context, config: Optional[str] = ConfigOpt, data: Optional[
         raise ConfigError("check needs a dataset: --data DATA (or data.path in --config)")
     mod = _str(modality) or cfg.data.modality
     flips = cfg.aug.flip_axes if flip_axes is None else _int_list(flip_axes, "--flip-axes")
-    result = run_check(cfg.data.path, modality=mod)
+    result = run_check(cfg.data.path, modality=mod, channel=cfg.data.channel)
     for problem in result.problems:
         typer.echo(str(problem))
+    if result.channels:
+        typer.echo(f"channels: {result.channels}")
     if not result.problems:
         for line in flip_warnings(cfg.data.path, axis=cfg.data.axis if axis is None else axis, flip_axes=flips,
-                                  modality=mod):
+                                  modality=mod, channel=cfg.data.channel):
             typer.echo(f"warning: {line}")
     typer.echo(f"{result.n_cases} cases ({result.n_labelled} labelled, {result.n_unlabelled} unlabelled): "
                f"{len(result.problems)} problem(s)")

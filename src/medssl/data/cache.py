@@ -28,7 +28,7 @@ from medssl.config import DataConfig
 from medssl.data.atomic import atomic_dir
 from medssl.data.cases import Case, DatasetInfo
 from medssl.data.intensity import normalize
-from medssl.data.layouts import open_dataset
+from medssl.data.layouts import open_data
 from medssl.data.readers import read_case
 from medssl.data.slicing import SliceFit, foreground_box, volume_slices
 from medssl.errors import DataError
@@ -55,8 +55,9 @@ def case_fingerprint(case: Case) -> list:
 
 
 def preprocess_settings(data: DataConfig, info: DatasetInfo) -> dict:
-    """The settings that decide what a cached slice looks like."""
-    return {
+    """The settings that decide what a cached slice looks like (the channel only when it is not the first, so the
+    caches of single-channel data keep their keys)."""
+    settings = {
         "version": CACHE_VERSION,
         "modality": info.modality,
         "axis": data.axis,
@@ -69,6 +70,9 @@ def preprocess_settings(data: DataConfig, info: DatasetInfo) -> dict:
         "mri_mode": data.mri_mode,
         "pad_value": PAD_VALUE,
     }
+    if info.channel:
+        settings["channel"] = info.channel
+    return settings
 
 
 def cache_key(data: DataConfig, info: DatasetInfo) -> str:
@@ -247,7 +251,7 @@ def prepare(data: DataConfig, info: DatasetInfo | None = None, *, progress: bool
     if info is None:
         if not data.path:
             raise DataError("config key 'data.path' is empty: give the dataset folder")
-        info = open_dataset(data.path, modality=data.modality)
+        info = open_data(data)
     target = cache_path(data, info)
     if target.is_dir() and (target / "meta.json").is_file() and not force:
         return load_cache(target)

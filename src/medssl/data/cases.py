@@ -44,6 +44,9 @@ class DatasetInfo:
         labels: ``{index: name}``, background included as 0.
         cases: every case, labelled or not, sorted by case id.
         name: the dataset's name (dataset.json ``name`` or the folder name).
+        channel_names: ``{index: name}`` of the image channels declared in dataset.json (MSD ``modality``,
+            nnU-Net v2 ``channel_names``); empty where the layout declares none.
+        channel: the one channel medssl reads from every case (``data.channel``); ``modality`` is its modality.
     """
 
     root: Path
@@ -52,11 +55,18 @@ class DatasetInfo:
     labels: dict[int, str]
     cases: list[Case] = field(default_factory=list)
     name: str = ""
+    channel_names: dict[int, str] = field(default_factory=dict)
+    channel: int = 0
 
     @property
     def n_classes(self) -> int:
         """Number of output channels (background included)."""
         return max(self.labels) + 1 if self.labels else 2
+
+    @property
+    def n_channels(self) -> int:
+        """Image channels: as many as dataset.json names, else the most files a case has (1 for most data)."""
+        return len(self.channel_names) or max((c.n_channels for c in self.cases), default=1)
 
     @property
     def labelled(self) -> list[Case]:

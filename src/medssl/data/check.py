@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from medssl.data.cases import Case, DatasetInfo
-from medssl.data.layouts import open_dataset
+from medssl.data.layouts import describe_channels, open_dataset
 from medssl.data.readers import pair_problems, read_image, read_label
 from medssl.errors import DataError
 
@@ -38,6 +38,7 @@ class CheckResult:
     n_labelled: int = 0
     n_unlabelled: int = 0
     n_read: int = 0
+    channels: str = ""  # for multi-channel data: the channels and the one read
 
     @property
     def ok(self) -> bool:
@@ -61,19 +62,18 @@ def _check_case(case: Case, info: DatasetInfo, result: CheckResult) -> None:
     missing = [f for f in dict.fromkeys(files) if not Path(f).exists()]
     for f in missing:
         result.problems.append(Problem(str(f), f"file not found (case {case.case_id})"))
-    if case.n_channels != 1:
-        what = "no image file" if not case.images else "multi-channel input is not supported yet"
-        result.problems.append(Problem(str(case.images[0]) if case.images else str(info.root),
-                                       f"case {case.case_id}: {what}"))
+    if not case.images:
+        result.problems.append(Problem(str(info.root), f"case {case.case_id}: no image file"))
         return
     if missing and case.kind == "h5slices":
         return
     image = label = None
-    if case.images[0] not in missing:
+    read = case.images[info.channel] if case.n_channels > info.channel else case.images[0]
+    if read not in missing:
         try:
-            image = read_image(case)
+            image = read_image(case, info.channel)
         except DataError as exc:
-            result.problems.append(_problem(case.images[0], exc, case.images))
+            result.problems.append(_problem(read, exc, case.images))
     if case.label is not None and case.label not in missing:
         try:
             label = read_label(case)
@@ -88,17 +88,19 @@ def _check_case(case: Case, info: DatasetInfo, result: CheckResult) -> None:
         result.n_read += 1
 
 
-def run_check(path_or_info: str | Path | DatasetInfo, *, modality: str | None = None) -> CheckResult:
+def run_check(path_or_info: str | Path | DatasetInfo, *, modality: str | None = None, channel: int = 0) -> CheckResult:
     """Check every case; return problems and counts (never raises DataError for bad data)."""
     result = CheckResult()
     if isinstance(path_or_info, DatasetInfo):
         info = path_or_info
     else:
         try:
-            info = open_dataset(path_or_info, modality=modality)
+            info = open_dataset(path_or_info, modality=modality, channel=channel)
         except DataError as exc:
             result.problems.append(_problem(path_or_info, exc))
             return result
+    if info.n_channels > 1:
+        result.channels = f"{describe_channels(info)}; medssl reads channel {info.channel} (data.channel)"
     result.n_cases = len(info.cases)
     result.n_labelled = sum(c.has_label for c in info.cases)
     result.n_unlabelled = result.n_cases - result.n_labelled
@@ -114,12 +116,14 @@ def run_check(path_or_info: str | Path | DatasetInfo, *, modality: str | None = 
 
 
 def flip_warnings(path_or_info: str | Path | DatasetInfo, *, axis: int = 2, flip_axes=(0, 1),
-                  modality: str | None = None) -> list[str]:
+                  modality: str | None = None, channel: int = 0) -> list[str]:
     """One line per flipped slice axis along which two classes are told apart by side (flips would swap them)."""
     from medssl.data.fingerprint import extract_fingerprint, side_dependent_axes
 
     try:
-        fp = extract_fingerprint(path_or_info, modality=modality, progress=False)
+        info = path_or_info if isinstance(path_or_info, DatasetInfo) else open_dataset(
+            path_or_info, modality=modality, channel=channel)
+        fp = extract_fingerprint(info, progress=False)
     except DataError:  # nothing labelled (or unreadable: run_check reports it): no classes to compare
         return []
     unsafe = side_dependent_axes([c for c in fp.cases if c.labelled], fp.labels, axis)

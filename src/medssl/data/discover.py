@@ -9,11 +9,15 @@ A *source* is
 * a plain folder of NIfTI files such as the output of ``medssl predict``: case id = file name without
   the ending (for images a trailing nnU-Net channel suffix ``_0000`` is dropped too).
 
+Images of multi-channel data give the one ``channel`` asked for (``data.channel`` of the run): file ``_000K`` of a
+one-file-per-channel case (nnU-Net v2, or a plain folder of ``CASE_000K`` files), or channel K of a 4D NIfTI file.
+
 Every problem is a one-line :class:`~medssl.errors.DataError` naming the file or folder.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +27,7 @@ from medssl.data.volume import Volume
 from medssl.errors import DataError
 
 ROLES = ("image", "label")
+CHANNEL_SUFFIX = re.compile(r"_\d{4}$")  # nnU-Net's per-channel file suffix
 
 
 @dataclass(frozen=True)
@@ -35,13 +40,14 @@ class VolumeItem:
     modality: str | None = None  # from dataset.json / DICOM tags, when known
     single: bool = False  # the source was one volume (paired regardless of its name)
     files: tuple[Path, ...] = ()
+    channel: int = 0  # images: the channel of a 4D NIfTI file to read
 
 
 def read_item(item: VolumeItem, role: str) -> Volume:
     """Read an item's image (``role="image"``) or label map (``role="label"``)."""
     if item.kind == "h5slices":
         return read_slices(item.files, role=role)
-    return read_volume(item.path, kind=item.kind, role=role)
+    return read_volume(item.path, kind=item.kind, role=role, channel=item.channel if role == "image" else 0)
 
 
 def _is_dataset(path: Path) -> bool:
@@ -52,8 +58,9 @@ def _is_dataset(path: Path) -> bool:
                    for p in path.iterdir())
 
 
-def find_volumes(source: str | Path, role: str = "image") -> dict[str, VolumeItem]:
-    """``{case_id: VolumeItem}`` of a file or folder; ``role`` picks images or label maps of a dataset."""
+def find_volumes(source: str | Path, role: str = "image", channel: int = 0) -> dict[str, VolumeItem]:
+    """``{case_id: VolumeItem}`` of a file or folder; ``role`` picks images or label maps of a dataset; ``channel``
+    the image channel of multi-channel data."""
     if role not in ROLES:
         raise DataError(f"{source}: unknown role {role!r} (expected 'image' or 'label')")
     path = Path(source).expanduser()
@@ -63,7 +70,7 @@ def find_volumes(source: str | Path, role: str = "image") -> dict[str, VolumeIte
         name = volume_stem(path.name)
         if name is None:
             raise DataError(f"{path}: not a NIfTI (.nii/.nii.gz) or HDF5 (.h5/.hdf5) file")
-        return {name: VolumeItem(name, path, guess_kind(path), single=True)}
+        return {name: VolumeItem(name, path, guess_kind(path), single=True, channel=channel)}
     items: dict[str, VolumeItem] = {}
     if _is_dataset(path):
         info = open_dataset(path)
@@ -71,19 +78,30 @@ def find_volumes(source: str | Path, role: str = "image") -> dict[str, VolumeIte
         for case in info.cases:
             files = tuple(case.images) if case.kind == "h5slices" else ()
             if role == "image" and case.images:
-                items[case.case_id] = VolumeItem(case.case_id, Path(case.images[0]), case.kind, info.modality,
-                                                 single, files)
+                if case.n_channels > 1:  # one file per channel
+                    if channel >= case.n_channels:
+                        raise DataError(f"case {case.case_id}: channel {channel} asked for (data.channel), but it "
+                                        f"has {case.n_channels} channel files")
+                    image, at = case.images[channel], 0
+                else:
+                    image, at = case.images[0], channel
+                items[case.case_id] = VolumeItem(case.case_id, Path(image), case.kind, info.modality,
+                                                 single, files, at)
             elif role == "label" and case.label is not None:
                 kind = "h5slices" if files else label_kind(case)
                 items[case.case_id] = VolumeItem(case.case_id, Path(case.label), kind, info.modality, False, files)
     else:
-        for p in sorted(path.iterdir()):
-            name = volume_stem(p.name)
-            if name is None or p.name.startswith(".") or not p.is_file():
-                continue
-            if role == "image" and name.endswith("_0000"):
-                name = name[:-5]
-            items[name] = VolumeItem(name, p, guess_kind(p))
+        files = [(volume_stem(p.name), p) for p in sorted(path.iterdir())
+                 if volume_stem(p.name) is not None and not p.name.startswith(".") and p.is_file()]
+        stems = {name for name, _ in files}
+        for name, p in files:
+            if role == "label":
+                items[name] = VolumeItem(name, p, guess_kind(p))
+            elif CHANNEL_SUFFIX.search(name) and f"{name[:-5]}_0000" in stems:  # nnU-Net: CASE_000K per channel
+                if name.endswith(f"_{channel:04d}"):
+                    items[name[:-5]] = VolumeItem(name[:-5], p, guess_kind(p))
+            else:  # one file per case (channel K of a 4D file)
+                items[name] = VolumeItem(name, p, guess_kind(p), channel=channel)
     if not items:
         raise DataError(f"{path}: no {role} volumes found")
     return items

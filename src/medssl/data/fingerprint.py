@@ -53,6 +53,8 @@ class Fingerprint:
     foreground: dict  # percentiles / mean / sd of the sampled foreground intensities (all labelled cases)
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    channel: int = 0  # the image channel read (multi-channel data)
+    channel_reason: str = ""  # why the planner chose it (empty for single-channel data)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -134,7 +136,7 @@ def extract_fingerprint(path_or_info: str | Path | DatasetInfo, *, modality: str
                       **{f"p{q:g}": float(np.percentile(fg, q)) for q in (0.5, 1, 5, 50, 95, 99, 99.5)}}
     fp = Fingerprint(name=info.name or Path(info.root).name, root=str(Path(info.root).resolve()),
                      layout=info.layout, modality=info.modality, labels=dict(info.labels), cases=cases,
-                     foreground=foreground)
+                     foreground=foreground, channel=info.channel)
     _dataset_problems(fp)
     return fp
 

@@ -105,10 +105,49 @@ def _rel(root: Path, entry) -> Path:
     return root / str(entry).removeprefix("./")
 
 
+def _channel_names(raw, js: Path) -> dict[int, str]:
+    """``{"0": "T2", "1": "ADC"}`` (MSD ``modality`` / v2 ``channel_names``) as ``{0: "T2", 1: "ADC"}``; a plain
+    string (one channel) or nothing gives ``{}``."""
+    if not isinstance(raw, dict):
+        return {}
+    try:
+        return {int(k): str(v) for k, v in sorted(raw.items(), key=lambda kv: int(kv[0]))}
+    except (TypeError, ValueError):
+        raise DataError(f"{js}: channel indices must be integers, got {sorted(map(str, raw))}") from None
+
+
+def open_data(data) -> DatasetInfo:
+    """The dataset of a ``data:`` config section (path, modality override, channel): the one way to open it."""
+    return open_dataset(data.path, modality=data.modality, channel=data.channel)
+
+
+def describe_channels(info: DatasetInfo) -> str:
+    """``"2 channels (0: T2, 1: ADC)"``, from dataset.json's names or the first case's files."""
+    names = info.channel_names or {i: "" for i in range(info.n_channels)}
+    listing = ", ".join(f"{i}: {n}" if n else str(i) for i, n in names.items())
+    return f"{len(names)} channel{'s' if len(names) != 1 else ''} ({listing})"
+
+
+def select_channel(info: DatasetInfo, channel: int) -> None:
+    """Read ``channel`` of every case from now on; take its modality from dataset.json (ConfigError if absent)."""
+    if isinstance(channel, bool) or not isinstance(channel, int) or channel < 0:
+        raise ConfigError(f"data.channel: expected an integer >= 0, got {channel!r}")
+    if info.channel_names and channel not in info.channel_names:
+        raise ConfigError(f"data.channel={channel}: {info.root} has {describe_channels(info)}")
+    multi_file = [c for c in info.cases if c.n_channels > 1]
+    if multi_file and channel >= min(c.n_channels for c in multi_file):
+        short = min(multi_file, key=lambda c: c.n_channels)
+        raise ConfigError(f"data.channel={channel}: case {short.case_id} has {short.n_channels} channel files")
+    info.channel = channel
+    if info.channel_names:
+        info.modality = normalize_modality(info.channel_names[channel])
+
+
 def _open_msd(root: Path, meta: dict, js: Path) -> DatasetInfo:
     labels = _labels_index_to_name(meta.get("labels", {}), js)
     mod = meta.get("modality")
-    modality = mod.get("0", next(iter(mod.values()), None)) if isinstance(mod, dict) and mod else mod
+    channels = _channel_names(mod, js)
+    modality = channels.get(0, next(iter(channels.values()), None)) if channels else mod
     cases: list[Case] = []
     listed: set[str] = set()
     for i, entry in enumerate(meta.get("training", []) or []):
@@ -133,15 +172,16 @@ def _open_msd(root: Path, meta: dict, js: Path) -> DatasetInfo:
                 continue
             label = root / "labelsTr" / image.name
             cases.append(Case(cid, (image,), label if labelled and label.is_file() else None))
-    return DatasetInfo(root, "msd", normalize_modality(modality), labels, cases, str(meta.get("name") or root.name))
+    return DatasetInfo(root, "msd", normalize_modality(modality), labels, cases, str(meta.get("name") or root.name),
+                       channels)
 
 
 def _open_v2(root: Path, meta: dict, js: Path) -> DatasetInfo:
     if meta.get("regions_class_order") is not None:
         raise ConfigError(f"{js}: 'regions_class_order' (region-based training) is not supported")
     labels = _labels_name_to_index(meta.get("labels", {}), js)
-    channels = meta.get("channel_names") or {}
-    modality = channels.get("0", next(iter(channels.values()), None)) if isinstance(channels, dict) else None
+    channels = _channel_names(meta.get("channel_names"), js)
+    modality = channels.get(0, next(iter(channels.values()), None)) if channels else None
     ending = str(meta.get("file_ending", ".nii.gz"))
     cases: list[Case] = []
     if isinstance(meta.get("dataset"), dict):  # explicit case list (nnU-Net v2 option)
@@ -164,7 +204,8 @@ def _open_v2(root: Path, meta: dict, js: Path) -> DatasetInfo:
     kind = "h5" if ending.lower() in H5_SUFFIXES else "nifti"
     if kind == "h5":
         cases = [Case(c.case_id, c.images, c.label, "h5") for c in cases]
-    return DatasetInfo(root, "nnunetv2", normalize_modality(modality), labels, cases, str(meta.get("name") or root.name))
+    return DatasetInfo(root, "nnunetv2", normalize_modality(modality), labels, cases, str(meta.get("name") or root.name),
+                       channels)
 
 
 def _h5_has_label(path: Path) -> tuple[bool, object]:
@@ -259,6 +300,7 @@ def open_dataset(
     modality: str | None = None,
     label: str | Path | None = None,
     labels: dict | None = None,
+    channel: int = 0,
 ) -> DatasetInfo:
     """Recognise the layout at ``path`` and list its cases, sorted by case id.
 
@@ -267,6 +309,8 @@ def open_dataset(
         modality: overrides the modality found in dataset.json / DICOM tags (normalised).
         label: label file for a single-file or DICOM input.
         labels: ``{index: name}`` (or v2 ``{name: index}``) overriding the label names.
+        channel: the image channel to read from every case of a multi-channel dataset (``data.channel``); the
+            dataset's modality becomes that channel's, unless ``modality`` overrides it.
     """
     root = Path(path)
     if not root.exists():
@@ -307,6 +351,7 @@ def open_dataset(
             raise ConfigError(f"{label_path}: label= only applies to a single image file or a DICOM folder")
     if labels is not None:
         info.labels = _labels_any(labels, root)
+    select_channel(info, channel)
     if modality is not None:
         info.modality = normalize_modality(modality)
     if not info.cases:

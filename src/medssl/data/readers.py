@@ -6,8 +6,9 @@ inside a data loader worker.
 
 Conventions:
   * images come back as ``float32``; labels as ``uint8`` (values 0..255) or ``int16``;
-  * a 4D file whose trailing dimensions are all 1 is squeezed to 3D; any other non-3D
-    array is rejected ("expected a 3D volume, got shape ...");
+  * a 4D file whose trailing dimensions are all 1 is squeezed to 3D; a 4D NIfTI image with C > 1 channels
+    in its 4th dimension (the MSD layout of multi-modal data) gives the one ``channel`` asked for; any
+    other non-3D array is rejected ("expected a 3D volume, got shape ...");
   * DICOM geometry (ITK, LPS) is converted to a RAS affine and then canonicalised like a
     NIfTI file; the "original" geometry of a DICOM volume is that RAS affine;
   * HDF5 files hold datasets ``image`` and ``label``. The stored array is taken as
@@ -68,7 +69,8 @@ def guess_kind(path: str | Path) -> str:
     return "nifti"
 
 
-def read_volume(path: str | Path, *, kind: str = "nifti", role: str = "image", axes: str | None = None) -> Volume:
+def read_volume(path: str | Path, *, kind: str = "nifti", role: str = "image", axes: str | None = None,
+                channel: int = 0) -> Volume:
     """Read one 3D volume into RAS+ orientation.
 
     Args:
@@ -76,6 +78,7 @@ def read_volume(path: str | Path, *, kind: str = "nifti", role: str = "image", a
         kind: ``"nifti"``, ``"dicom"``, ``"h5"`` or ``"auto"`` (from the path).
         role: ``"image"`` (float32, must be finite) or ``"label"`` (integer values).
         axes: HDF5 only: ``"xyz"`` (default) or ``"zyx"`` storage order.
+        channel: NIfTI images only: the channel of a 4D (X, Y, Z, C) file; must be 0 for anything else.
     """
     path = Path(path)
     if kind == "auto":
@@ -86,8 +89,10 @@ def read_volume(path: str | Path, *, kind: str = "nifti", role: str = "image", a
         raise DataError(f"{path}: unknown role {role!r} (expected 'image' or 'label')")
     if not path.exists():
         raise DataError(f"{path}: file not found")
+    if channel and (kind != "nifti" or role != "image"):
+        raise DataError(f"{path}: channel {channel} asked for (data.channel), but a {kind} {role} has one channel")
     if kind == "nifti":
-        vol = _read_nifti(path)
+        vol = _read_nifti(path, channel if role == "image" else None)
     elif kind == "dicom":
         vol = _read_dicom(path)
     else:
@@ -97,8 +102,7 @@ def read_volume(path: str | Path, *, kind: str = "nifti", role: str = "image", a
 
 
 def _shape_error(path: Path, shape) -> DataError:
-    hint = " (multi-channel volumes are not supported yet)" if len(shape) == 4 else ""
-    return DataError(f"{path}: expected a 3D volume, got shape {tuple(int(s) for s in shape)}{hint}")
+    return DataError(f"{path}: expected a 3D volume, got shape {tuple(int(s) for s in shape)}")
 
 
 def _check_shape(path: Path, shape) -> None:
@@ -107,13 +111,24 @@ def _check_shape(path: Path, shape) -> None:
         raise _shape_error(path, shape)
 
 
-def _read_nifti(path: Path) -> Volume:
+def _read_nifti(path: Path, channel: int | None = None) -> Volume:
+    """``channel``: None for a label (3D only); else the channel of a 4D multi-channel image (0 for a 3D one)."""
     try:
         img = nib.load(str(path))
     except Exception as exc:  # nibabel raises many types for bad files
         raise DataError(f"{path}: cannot read NIfTI file ({type(exc).__name__}: {exc})") from None
-    _check_shape(path, img.shape)
+    shape = tuple(int(s) for s in img.shape)
+    n_channels = shape[3] if len(shape) == 4 else 1
+    if channel is not None and n_channels > 1:
+        if channel >= n_channels:
+            raise DataError(f"{path}: channel {channel} asked for (data.channel), but the image has {n_channels}")
+        shape = shape[:3]
+    elif channel:
+        raise DataError(f"{path}: channel {channel} asked for (data.channel), but the image has one channel")
+    _check_shape(path, shape)
     try:
+        if channel is not None and n_channels > 1:  # one channel of (X, Y, Z, C), same geometry
+            img = nib.Nifti1Image(np.asanyarray(img.dataobj[..., channel]), img.affine, img.header)
         vol = from_nifti_image(img, source=str(path))
     except Exception as exc:  # truncated gzip: EOFError, zlib.error, OSError ...
         raise DataError(f"{path}: corrupt or truncated file ({type(exc).__name__}: {exc})") from None
@@ -319,16 +334,21 @@ def pair_problems(image: Volume, label: Volume, dataset: DatasetInfo) -> list[st
     return problems
 
 
-def read_image(case: Case) -> Volume:
-    """Read a case's (single-channel) image."""
+def read_image(case: Case, channel: int = 0) -> Volume:
+    """Read one channel of a case's image: file ``channel`` of a one-file-per-channel case (nnU-Net v2), else
+    channel ``channel`` of its one file (a 4D NIfTI image holds its channels in the 4th dimension)."""
     if case.kind == "h5slices":
+        if channel:
+            raise DataError(f"case {case.case_id}: channel {channel} asked for (data.channel), but it has one")
         return read_slices(case.images, role="image")
     if len(case.images) == 0:
         raise DataError(f"case {case.case_id}: no image file")
     if len(case.images) > 1:
-        names = ", ".join(str(p) for p in case.images)
-        raise DataError(f"case {case.case_id}: multi-channel input is not supported yet ({names})")
-    return read_volume(case.images[0], kind=case.kind, role="image")
+        if channel >= len(case.images):
+            raise DataError(f"case {case.case_id}: channel {channel} asked for (data.channel), but it has "
+                            f"{len(case.images)} channel files")
+        return read_volume(case.images[channel], kind=case.kind, role="image")
+    return read_volume(case.images[0], kind=case.kind, role="image", channel=channel)
 
 
 def read_label(case: Case) -> Volume | None:
@@ -342,7 +362,7 @@ def read_label(case: Case) -> Volume | None:
 
 def read_case(case: Case, dataset: DatasetInfo) -> tuple[Volume, Volume | None]:
     """Read a case's image and label and check that they agree with each other and the dataset."""
-    image = read_image(case)
+    image = read_image(case, dataset.channel)
     label = read_label(case)
     if label is not None:
         problems = pair_problems(image, label, dataset)

@@ -17,7 +17,7 @@ from medssl.config import Config
 from medssl.data.atomic import write_json, write_text
 from medssl.data.augment import build_augmentation, make_generator, sample_seed
 from medssl.data.cache import SliceCache, prepare
-from medssl.data.layouts import open_dataset
+from medssl.data.layouts import open_data
 from medssl.data.patches import patch_active, random_patches
 from medssl.data.splits import (Split, describe_rule, load_split, make_split, patient_groups, save_split,
                                  with_labelled_cases)
@@ -183,7 +183,7 @@ def setup_run(cfg: Config, run: RunDir, dist: DistInfo, *, resume: bool, progres
     cfg.data.cache_dir = str(Path(cfg.data.cache_dir).expanduser().resolve())
     if cfg.split.labelled_file:
         cfg.split.labelled_file = str(Path(cfg.split.labelled_file).expanduser().resolve())
-    info = open_dataset(cfg.data.path, modality=cfg.data.modality)
+    info = open_data(cfg.data)
     if dist.is_main:
         if not resume:
             run.check_new()

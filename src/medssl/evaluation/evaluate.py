@@ -13,7 +13,7 @@ from typing import Sequence
 
 from medssl.data.atomic import write_csv, write_json, write_text
 from medssl.data.discover import find_volumes, read_item
-from medssl.data.layouts import open_dataset
+from medssl.data.layouts import open_data
 from medssl.data.readers import read_case
 from medssl.data.splits import PARTS, load_split
 from medssl.data.volume import save_like
@@ -47,7 +47,7 @@ def evaluate_run(run_dir: str | Path, *, part: str = "test", checkpoint: str = "
     split = load_split(run.path / "splits.json")
     ckpt = run_checkpoint(run_dir, checkpoint)
     predictor = load_predictor(ckpt, batch_size=batch_size, amp=cfg.train.amp)
-    info = open_dataset(cfg.data.path, modality=cfg.data.modality)
+    info = open_data(cfg.data)
     case_ids = getattr(split, part)
     if not case_ids:
         raise DataError(f"{run.path}: split part '{part}' is empty")
@@ -104,7 +104,7 @@ def predict_files(checkpoint: str | Path, inputs: str | Path, output_dir: str | 
     from tqdm.auto import tqdm
 
     predictor = predictor or load_predictor(checkpoint, batch_size=batch_size)
-    items = list(find_volumes(inputs, "image").values())  # a file, a dataset or a folder of NIfTI files
+    items = list(find_volumes(inputs, "image", predictor.data.channel).values())  # a file, a dataset or a folder of NIfTI files
     if cases:
         unknown = sorted(set(cases) - {it.case_id for it in items})
         if unknown:

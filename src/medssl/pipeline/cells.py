@@ -109,7 +109,7 @@ def save_overlays(run_dir: Path, cases: list[str], meta: dict) -> Path:
     ``overlays.json`` for ``cases`` of a fine-tuning run; predictions missing from ``<run>/predictions`` are made
     with the run's best checkpoint first."""
     from medssl.data.atomic import write_json
-    from medssl.data.layouts import open_dataset
+    from medssl.data.layouts import open_data
     from medssl.data.readers import read_case, read_volume
     from medssl.engine.runs import RunDir
     from medssl.evaluation.evaluate import predict_files, run_checkpoint
@@ -121,7 +121,7 @@ def save_overlays(run_dir: Path, cases: list[str], meta: dict) -> Path:
     missing = [c for c in cases if not (pred_dir / f"{c}.nii.gz").is_file()]
     if missing:
         predict_files(run_checkpoint(run.path), cfg.data.path, pred_dir, cases=missing, progress=False)
-    info = open_dataset(cfg.data.path, modality=cfg.data.modality)
+    info = open_data(cfg.data)
     dice, axis, shown = _case_dice(run.path), cfg.data.axis, []
     for case in cases:
         image, label = read_case(info.case(case), info)

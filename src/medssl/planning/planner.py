@@ -91,7 +91,10 @@ def plan(fp: Fingerprint, *, budget: str = "cpu", hours: float | None = None, da
     median_sp = np.median(spacing, axis=0)
     put("name", f"plan-{fp.name}".replace(" ", "_"), "plan of this dataset")
     put("data.path", data_path or fp.root, "the dataset this plan was derived from")
-    put("data.modality", fp.modality, f"from the dataset description ({fp.layout} layout)")
+    if fp.channel_reason:
+        put("data.channel", fp.channel, fp.channel_reason)
+    put("data.modality", fp.modality, f"from the dataset description ({fp.layout} layout)"
+        + (f", channel {fp.channel}" if fp.channel_reason else ""))
 
     # -- slicing axis and in-plane spacing
     coarse = coarse_axis(median_sp)
@@ -221,9 +224,17 @@ def write_plan(data: str | Path, output: str | Path, *, budget: str = "cpu", hou
                modality: str | None = None, progress: bool = True, base: str = "generic") -> tuple[Path, Planned]:
     """Fingerprint ``data``, plan, and write the YAML (and ``<output>.fingerprint.json``) atomically."""
     from medssl.data.atomic import atomic_path, write_json
+    from medssl.data.channels import choose_channel
     from medssl.data.fingerprint import extract_fingerprint
+    from medssl.data.layouts import open_dataset
 
-    fp = extract_fingerprint(data, modality=modality, progress=progress)
+    info = open_dataset(data, modality=modality)
+    channel, why = choose_channel(info)
+    if channel:
+        info = open_dataset(data, modality=modality, channel=channel)
+    fp = extract_fingerprint(info, progress=progress)
+    if info.n_channels > 1:
+        fp.channel_reason = why
     planned = plan(fp, budget=budget, hours=hours, data_path=str(data), base=base)
     text = render(planned, fp, budget, hours)
     out = Path(output)

@@ -283,7 +283,7 @@ def plan_refinement(pred_source: str | Path, image_source: str | Path, label_sou
     """Pair and read every input once, checking geometry and options; raises before anything is written."""
     cfg.validate()
     preds = find_volumes(pred_source, "label")
-    images = find_volumes(image_source, "image")
+    images = find_volumes(image_source, "image", data.channel)
     labels = find_volumes(label_source, "label") if label_source is not None else None
     pairs = match_cases(preds, images, labels)
     present: set[int] = set()

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from medssl.cli import app
 from medssl.config import DataConfig
 from medssl.data.cache import cache_key
-from medssl.data.channels import boundary_contrast, channel_scores, choose_channel
+from medssl.data.channels import channel_scores, choose_channel, probe_auc
 from medssl.data.check import run_check
 from medssl.data.discover import find_volumes, read_item
 from medssl.data.layouts import open_dataset
@@ -62,15 +62,17 @@ def test_cache_key_only_changes_for_another_channel(tmp_path):
     assert cache_key(data, first) != cache_key(DataConfig(path=str(root), channel=1), second)
 
 
-def test_boundary_contrast_and_choice(tmp_path):
-    image, label = synth.blob_pair(seed=0)
-    noise = np.random.default_rng(0).normal(0, 5, size=image.shape)
-    assert min(boundary_contrast(image, label)) > 1 > 0.5 > max(boundary_contrast(noise, label))
+def test_probe_and_choice(tmp_path):
+    rng = np.random.default_rng(0)
+    target, groups = np.repeat([1, 0], 200), np.tile(np.arange(4), 100)
+    assert probe_auc(target[:, None] + rng.normal(0, 0.3, (400, 1)), target, groups) > 0.95
+    assert abs(probe_auc(rng.normal(0, 1, (400, 3)), target, groups) - 0.5) < 0.1
+    assert probe_auc(target[:, None] * 1.0, target, np.zeros(400)) == 0.5  # one group: no cross-validation
     for informative in (0, 1):
         root = synth.make_msd_multichannel(tmp_path / f"P{informative}", informative=informative)
         info = open_dataset(root)
         scores = channel_scores(info)
-        assert scores[informative] > 1 > 0.5 > scores[1 - informative]
+        assert scores[informative] > 0.9 and scores[1 - informative] < 0.75, scores
         channel, why = choose_channel(info)
         assert channel == informative and "2 channels (0: T2, 1: ADC)" in why
     assert choose_channel(open_dataset(synth.make_msd(tmp_path / "S", 2))) == (0, "single-channel data")
@@ -98,3 +100,37 @@ def test_discover_gives_the_channel(tmp_path):
     assert sorted(find_volumes(flat, "image")) == ["a", "b_0001"]
     items = find_volumes(flat, "image", channel=1)
     assert sorted(items) == ["a", "b_0001"] and items["a"].path.name == "a_0001.nii.gz"
+
+
+def test_real_mri_channel_that_shows_the_structures_is_chosen(hippocampus_root, tmp_path):
+    """12 Hippocampus volumes as 3-channel MSD images: another case's MRI resized onto this one (real texture that
+    does not show these structures), the original under noise twice the tissue's spread, and the original (last,
+    so ties would not favour it). The planner's rule must pick the original."""
+    import json
+
+    import nibabel as nib
+    from scipy import ndimage
+
+    info = open_dataset(hippocampus_root)
+    meta = {"name": "Hippo3", "modality": {"0": "other", "1": "noisy", "2": "MRI"},
+            "labels": {str(k): v for k, v in info.labels.items()}, "training": []}
+    rng = np.random.default_rng(0)
+    cases = info.labelled[:13]
+    for case, other in zip(cases[:12], cases[1:]):
+        img = nib.load(case.images[0])
+        x = np.asarray(img.dataobj, np.float32)
+        y = np.asarray(nib.load(other.images[0]).dataobj, np.float32)
+        y = ndimage.zoom(y, np.array(x.shape) / np.array(y.shape), order=1)[tuple(slice(0, n) for n in x.shape)]
+        y = np.pad(y, [(0, n - m) for n, m in zip(x.shape, y.shape)], mode="edge")
+        noisy = x + rng.normal(0, 2.0, x.shape).astype(np.float32) * x[x > 0].std()
+        stack = np.stack([y, noisy, x], axis=-1)
+        synth.write_nifti(tmp_path / "imagesTr" / case.images[0].name, stack, img.affine)
+        synth.write_nifti(tmp_path / "labelsTr" / case.images[0].name, np.asarray(nib.load(case.label).dataobj),
+                          img.affine)
+        meta["training"].append({"image": f"./imagesTr/{case.images[0].name}",
+                                 "label": f"./labelsTr/{case.images[0].name}"})
+    (tmp_path / "dataset.json").write_text(json.dumps(meta))
+    multi = open_dataset(tmp_path)
+    scores = channel_scores(multi)
+    assert choose_channel(multi)[0] == 2, scores
+    assert scores[2] > max(scores[0], scores[1]), scores

@@ -18,6 +18,7 @@ def run_demo(workdir: str | Path = "medssl-demo", data: str | None = None, confi
     from rich.console import Console
 
     from medssl.data.cache import prepare
+    from medssl.data.layouts import describe_channels, open_data
     from medssl.data.phantom import write_phantom_dataset
     from medssl.engine.finetune import finetune
     from medssl.evaluation.evaluate import evaluate_run, predict_files
@@ -36,6 +37,10 @@ def run_demo(workdir: str | Path = "medssl-demo", data: str | None = None, confi
     console.print("[bold]2/4[/] preparing the slice cache")
     cache = prepare(cfg.data)
     console.print(f"      {cache.meta['n_slices']} slices of {len(cache.meta['cases'])} volumes -> {cache.root}")
+    info = open_data(cfg.data)
+    if info.n_channels > 1:
+        console.print(f"      {describe_channels(info)}: training on channel {info.channel} (data.channel; "
+                      "`medssl plan` chooses one from the data)")
 
     console.print(f"[bold]3/4[/] fine-tuning {cfg.model.backbone} (f={cfg.model.features}) on "
                   f"M={cfg.split.budget} labelled volumes, {cfg.train.epochs} epochs")

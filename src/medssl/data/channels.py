@@ -93,9 +93,9 @@ def channel_scores(info: DatasetInfo, *, max_cases: int = MAX_CASES, seed: int =
 
 
 def choose_channel(info: DatasetInfo, **kwargs) -> tuple[int, str]:
-    """The channel to train on and the reason (the first channel, without reading, for single-channel data)."""
+    """The channel to train on and the reason; ``(0, "")`` without reading anything for single-channel data."""
     if info.n_channels < 2:
-        return 0, "single-channel data"
+        return 0, ""
     scores = channel_scores(info, **kwargs)
     best = max(scores, key=lambda c: (scores[c], -c))
     names = info.channel_names

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from medssl.data.cases import Case, DatasetInfo
 from medssl.data.layouts import describe_channels, open_dataset
-from medssl.data.readers import pair_problems, read_image, read_label
+from medssl.data.readers import channel_source, pair_problems, read_image, read_label
 from medssl.errors import DataError
 
 
@@ -62,13 +62,14 @@ def _check_case(case: Case, info: DatasetInfo, result: CheckResult) -> None:
     missing = [f for f in dict.fromkeys(files) if not Path(f).exists()]
     for f in missing:
         result.problems.append(Problem(str(f), f"file not found (case {case.case_id})"))
-    if not case.images:
-        result.problems.append(Problem(str(info.root), f"case {case.case_id}: no image file"))
+    try:
+        read, _ = channel_source(case, info.channel)
+    except DataError as exc:  # no image file, or fewer channel files than data.channel
+        result.problems.append(Problem(str(case.images[0]) if case.images else str(info.root), str(exc)))
         return
     if missing and case.kind == "h5slices":
         return
     image = label = None
-    read = case.images[info.channel] if case.n_channels > info.channel else case.images[0]
     if read not in missing:
         try:
             image = read_image(case, info.channel)

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medssl.data.layouts import open_dataset
-from medssl.data.readers import NIFTI_ENDINGS, guess_kind, label_kind, read_slices, read_volume, volume_stem
+from medssl.data.readers import (NIFTI_ENDINGS, channel_source, guess_kind, label_kind, read_slices, read_volume,
+                                 volume_stem)
 from medssl.data.volume import Volume
 from medssl.errors import DataError
 
@@ -78,21 +79,14 @@ def find_volumes(source: str | Path, role: str = "image", channel: int = 0) -> d
         for case in info.cases:
             files = tuple(case.images) if case.kind == "h5slices" else ()
             if role == "image" and case.images:
-                if case.n_channels > 1:  # one file per channel
-                    if channel >= case.n_channels:
-                        raise DataError(f"case {case.case_id}: channel {channel} asked for (data.channel), but it "
-                                        f"has {case.n_channels} channel files")
-                    image, at = case.images[channel], 0
-                else:
-                    image, at = case.images[0], channel
-                items[case.case_id] = VolumeItem(case.case_id, Path(image), case.kind, info.modality,
-                                                 single, files, at)
+                image, within = channel_source(case, channel)
+                items[case.case_id] = VolumeItem(case.case_id, image, case.kind, info.modality, single, files, within)
             elif role == "label" and case.label is not None:
                 kind = "h5slices" if files else label_kind(case)
                 items[case.case_id] = VolumeItem(case.case_id, Path(case.label), kind, info.modality, False, files)
     else:
-        files = [(volume_stem(p.name), p) for p in sorted(path.iterdir())
-                 if volume_stem(p.name) is not None and not p.name.startswith(".") and p.is_file()]
+        named = ((volume_stem(p.name), p) for p in sorted(path.iterdir()) if not p.name.startswith(".") and p.is_file())
+        files = [(name, p) for name, p in named if name is not None]
         stems = {name for name, _ in files}
         for name, p in files:
             if role == "label":

@@ -204,8 +204,8 @@ def _open_v2(root: Path, meta: dict, js: Path) -> DatasetInfo:
     kind = "h5" if ending.lower() in H5_SUFFIXES else "nifti"
     if kind == "h5":
         cases = [Case(c.case_id, c.images, c.label, "h5") for c in cases]
-    return DatasetInfo(root, "nnunetv2", normalize_modality(modality), labels, cases, str(meta.get("name") or root.name),
-                       channels)
+    name = str(meta.get("name") or root.name)
+    return DatasetInfo(root, "nnunetv2", normalize_modality(modality), labels, cases, name, channels)
 
 
 def _h5_has_label(path: Path) -> tuple[bool, object]:

@@ -334,21 +334,28 @@ def pair_problems(image: Volume, label: Volume, dataset: DatasetInfo) -> list[st
     return problems
 
 
-def read_image(case: Case, channel: int = 0) -> Volume:
-    """Read one channel of a case's image: file ``channel`` of a one-file-per-channel case (nnU-Net v2), else
-    channel ``channel`` of its one file (a 4D NIfTI image holds its channels in the 4th dimension)."""
-    if case.kind == "h5slices":
-        if channel:
-            raise DataError(f"case {case.case_id}: channel {channel} asked for (data.channel), but it has one")
-        return read_slices(case.images, role="image")
+def channel_source(case: Case, channel: int) -> tuple[Path, int]:
+    """Where a case's image ``channel`` lives: ``(file, channel within it)``. File ``channel`` of a
+    one-file-per-channel case (nnU-Net v2), else channel ``channel`` of its one file (a 4D NIfTI image holds its
+    channels in the 4th dimension; :func:`read_volume` checks it)."""
     if len(case.images) == 0:
         raise DataError(f"case {case.case_id}: no image file")
-    if len(case.images) > 1:
-        if channel >= len(case.images):
-            raise DataError(f"case {case.case_id}: channel {channel} asked for (data.channel), but it has "
-                            f"{len(case.images)} channel files")
-        return read_volume(case.images[channel], kind=case.kind, role="image")
-    return read_volume(case.images[0], kind=case.kind, role="image", channel=channel)
+    if case.kind == "h5slices" or len(case.images) == 1:
+        if channel and case.kind == "h5slices":
+            raise DataError(f"case {case.case_id}: channel {channel} asked for (data.channel), but it has one")
+        return Path(case.images[0]), channel
+    if channel >= len(case.images):
+        raise DataError(f"case {case.case_id}: channel {channel} asked for (data.channel), but it has "
+                        f"{len(case.images)} channel files")
+    return Path(case.images[channel]), 0
+
+
+def read_image(case: Case, channel: int = 0) -> Volume:
+    """Read one channel of a case's image (see :func:`channel_source`)."""
+    path, within = channel_source(case, channel)
+    if case.kind == "h5slices":
+        return read_slices(case.images, role="image")
+    return read_volume(path, kind=case.kind, role="image", channel=within)
 
 
 def read_label(case: Case) -> Volume | None:

@@ -104,7 +104,8 @@ def predict_files(checkpoint: str | Path, inputs: str | Path, output_dir: str | 
     from tqdm.auto import tqdm
 
     predictor = predictor or load_predictor(checkpoint, batch_size=batch_size)
-    items = list(find_volumes(inputs, "image", predictor.data.channel).values())  # a file, a dataset or a folder of NIfTI files
+    # a file, a dataset or a folder of NIfTI files; images: the channel the model was trained on
+    items = list(find_volumes(inputs, "image", predictor.data.channel).values())
     if cases:
         unknown = sorted(set(cases) - {it.case_id for it in items})
         if unknown:

@@ -35,9 +35,9 @@ def run_demo(workdir: str | Path = "medssl-demo", data: str | None = None, confi
     cfg = load_config(config or "demo", overrides=overrides, extra=extra)
 
     console.print("[bold]2/4[/] preparing the slice cache")
-    cache = prepare(cfg.data)
-    console.print(f"      {cache.meta['n_slices']} slices of {len(cache.meta['cases'])} volumes -> {cache.root}")
     info = open_data(cfg.data)
+    cache = prepare(cfg.data, info)
+    console.print(f"      {cache.meta['n_slices']} slices of {len(cache.meta['cases'])} volumes -> {cache.root}")
     if info.n_channels > 1:
         console.print(f"      {describe_channels(info)}: training on channel {info.channel} (data.channel; "
                       "`medssl plan` chooses one from the data)")

@@ -233,8 +233,7 @@ def write_plan(data: str | Path, output: str | Path, *, budget: str = "cpu", hou
     if channel:
         info = open_dataset(data, modality=modality, channel=channel)
     fp = extract_fingerprint(info, progress=progress)
-    if info.n_channels > 1:
-        fp.channel_reason = why
+    fp.channel_reason = why
     planned = plan(fp, budget=budget, hours=hours, data_path=str(data), base=base)
     text = render(planned, fp, budget, hours)
     out = Path(output)
